@@ -1,0 +1,43 @@
+"""Prometheus metrics with the names of the contract, in a registry of our own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Counter(
+            "sidecar_connections", "Connections by final result (allowed|denied|error).",
+            ["listener", "direction", "result"], registry=r,
+        )
+        self.denials = Counter(
+            "sidecar_denials", "Refused or failed connections by reason code.",
+            ["listener", "direction", "reason"], registry=r,
+        )
+        self.would_deny = Counter(
+            "sidecar_audit_would_deny", "Connections an audit-mode listener let through but would have denied.",
+            ["listener", "direction", "reason"], registry=r,
+        )
+        self.active = Gauge(
+            "sidecar_active_connections", "Connections open now.", ["listener", "direction"], registry=r,
+        )
+        self.bytes = Counter(
+            "sidecar_bytes", "Bytes relayed (in: from the TLS peer, out: to it), counted when a connection ends.",
+            ["listener", "direction", "flow"], registry=r,
+        )
+        self.handshake_seconds = Histogram(
+            "sidecar_handshake_seconds", "TLS handshake duration.", buckets=HANDSHAKE_BUCKETS, registry=r,
+        )
+        self.identity_expiry = Gauge(
+            "sidecar_identity_expiry_timestamp_seconds", "Expiry (unix time) of the loaded identity certificate.", registry=r,
+        )
+        self.reloads = Counter("sidecar_reloads", "Reloads by result (ok|failed).", ["result"], registry=r)
+        self.renewals = Counter("sidecar_renewals", "Certificate renewals by result (ok|failed).", ["result"], registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

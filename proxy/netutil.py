@@ -1,0 +1,81 @@
+"""Plain sockets on trio: listening, non-blocking connect under a deadline, closing."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import trio
+
+from proxy.config import Endpoint
+
+
+def listen_socket(endpoint: Endpoint, backlog: int = 4096) -> socket.socket:
+    """Bind and listen (non-blocking). Raises OSError with the address in the message."""
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((endpoint.host, endpoint.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bound_address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Close a socket that trio may be watching."""
+    try:
+        trio.lowlevel.notify_closing(sock)
+    except Exception:
+        pass
+    sock.close()
+
+
+async def _connect_one(family: int, addr, path_or_none=None) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(addr)
+        if err in (errno.EINPROGRESS, errno.EAGAIN):
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, f"{os.strerror(err)} ({_show(addr)})")
+        return sock
+    except BaseException:
+        close_socket(sock)
+        raise
+
+
+def _show(addr) -> str:
+    if isinstance(addr, str):
+        return f"unix:{addr}"
+    host, port = addr[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def connect(endpoint: Endpoint, timeout: float) -> socket.socket:
+    """Connect to ``endpoint`` within ``timeout`` seconds; raise OSError saying why not."""
+    with trio.move_on_after(timeout):
+        if endpoint.kind == "unix":
+            return await _connect_one(socket.AF_UNIX, endpoint.path)
+        infos = await trio.socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
+        last: OSError | None = None
+        for family, _type, _proto, _canon, addr in infos:
+            try:
+                return await _connect_one(family, addr)
+            except OSError as exc:
+                last = exc
+        raise last or OSError(errno.EHOSTUNREACH, f"no address for {endpoint}")
+    raise OSError(errno.ETIMEDOUT, f"connect to {endpoint} timed out after {timeout:g}s")

@@ -1,0 +1,61 @@
+"""Who may talk to whom: a pure decision with a reason a human understands.
+
+No ssl, no trio, no sockets: tests call these functions directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.identity import IdPattern, SpiffeId, first_match
+
+# Reason codes of the contract (DESIGN.md, "Decisions, logs, metrics").
+NO_CLIENT_CERT = "no_client_cert"
+UNTRUSTED_CA = "untrusted_ca"
+EXPIRED = "expired"
+NOT_YET_VALID = "not_yet_valid"
+REVOKED = "revoked"
+NOT_SVID = "not_svid"
+IDENTITY_NOT_ALLOWED = "identity_not_allowed"
+SERVER_IDENTITY_MISMATCH = "server_identity_mismatch"
+HANDSHAKE_TIMEOUT = "handshake_timeout"
+HANDSHAKE_FAILED = "handshake_failed"
+UPSTREAM_UNREACHABLE = "upstream_unreachable"
+CONNECTION_LIMIT = "connection_limit"
+POLICY_REVOKED = "policy_revoked"
+IDLE_TIMEOUT = "idle_timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str | None  # a reason code when not allowed
+    detail: str
+
+
+def _rules_text(patterns: tuple[IdPattern, ...]) -> str:
+    return ", ".join(str(p) for p in patterns)
+
+
+def authorize_client(listener: str, allow: tuple[IdPattern, ...], peer: SpiffeId) -> Decision:
+    """Inbound: may ``peer`` connect to the port ``listener``?"""
+    rule = first_match(allow, peer)
+    if rule is None:
+        return Decision(
+            False,
+            IDENTITY_NOT_ALLOWED,
+            f"port {listener} allows {_rules_text(allow)}; peer is {peer}",
+        )
+    return Decision(True, None, f"port {listener} allows {peer} by rule {rule}")
+
+
+def authorize_server(listener: str, expect: tuple[IdPattern, ...], server: SpiffeId) -> Decision:
+    """Outbound: is ``server`` the upstream that ``listener`` expects?"""
+    rule = first_match(expect, server)
+    if rule is None:
+        return Decision(
+            False,
+            SERVER_IDENTITY_MISMATCH,
+            f"upstream {listener} expects {_rules_text(expect)}; server is {server}",
+        )
+    return Decision(True, None, f"upstream {listener} expects {rule}; server is {server}")
