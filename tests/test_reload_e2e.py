@@ -1,0 +1,198 @@
+"""Hot reload with real processes: SIGHUP and file changes, all-or-nothing, policy applied to open connections."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+
+import pytest
+
+from harness import TD, App, Sidecar, identity_yaml, issue, run_ca, wait_until
+from test_sidecar_e2e import FRONTEND, denial_for, tls_client, tls_connection
+
+WEB = f"spiffe://{TD}/ns/prod/sa/web"
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reload-pki")
+    ca_dir = root / "ca"
+    run_ca(ca_dir, "init", "--trust-domain", TD)
+    return root, ca_dir
+
+
+def fresh(ca, name, spiffe_id):
+    root, ca_dir = ca
+    out = root / f"{name}-{os.urandom(4).hex()}"
+    return issue(ca_dir, out, spiffe_id)
+
+
+def replace_atomically(path, data: bytes):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def api_config(ident_dir, app_port, allow, crl=None):
+    return identity_yaml(ident_dir, crl) + (
+        f"inbound:\n  - name: api\n    listen: 127.0.0.1:0\n    forward: 127.0.0.1:{app_port}\n"
+        f"    allow: [{', '.join(allow)}]\n"
+    )
+
+
+@pytest.fixture
+def api(ca, tmp_path):
+    """An api sidecar whose identity files live in a directory the test may rewrite."""
+    ident = tmp_path / "identity"
+    shutil.copytree(fresh(ca, "api", f"spiffe://{TD}/ns/prod/sa/api"), ident)
+    app = App()
+    side = Sidecar(tmp_path, "api", api_config(ident, app.port, [FRONTEND, WEB])).wait_ready()
+    yield side, ident, app
+    side.stop()
+    app.close()
+
+
+def reload_events(side, kind):
+    return side.count(lambda e: e["event"] == kind)
+
+
+def test_sighup_reloads_a_new_certificate_for_new_connections(ca, api):
+    side, ident, _ = api
+    new = fresh(ca, "api", f"spiffe://{TD}/ns/prod/sa/api")
+    replace_atomically(ident / "key.pem", (new / "key.pem").read_bytes())
+    replace_atomically(ident / "cert.pem", (new / "cert.pem").read_bytes())
+    side.signal(signal.SIGHUP)
+    side.wait_event(lambda e: e["event"] == "reloaded")
+    frontend = fresh(ca, "frontend", FRONTEND)
+    assert tls_client(frontend, side.ports["api"], b"new cert")[1] == "data b'new cert'"
+
+
+@pytest.mark.parametrize("damage", ["empty cert file", "key that does not match", "half-written PEM"])
+def test_failed_reload_keeps_the_old_identity_serving(ca, api, damage):
+    side, ident, _ = api
+    if damage == "empty cert file":
+        (ident / "cert.pem").write_bytes(b"")
+    elif damage == "key that does not match":
+        other = fresh(ca, "other", f"spiffe://{TD}/ns/prod/sa/other")
+        (ident / "key.pem").write_bytes((other / "key.pem").read_bytes())
+    else:
+        data = (ident / "cert.pem").read_bytes()
+        (ident / "cert.pem").write_bytes(data[: len(data) // 2])
+    failed = side.wait_event(lambda e: e["event"] == "reload_failed", what="reload_failed")
+    assert "file change" in failed["trigger"]
+    assert str(ident) in failed["detail"]
+    frontend = fresh(ca, "frontend", FRONTEND)
+    assert tls_client(frontend, side.ports["api"], b"still me")[1] == "data b'still me'"
+
+
+def test_kubernetes_style_symlink_swap_is_picked_up(ca, tmp_path):
+    """Secret volumes: files are symlinks into ..data, which is itself a symlink swapped atomically."""
+    volume = tmp_path / "volume"
+    first = volume / "..2026_01"
+    shutil.copytree(fresh(ca, "api", f"spiffe://{TD}/ns/prod/sa/api"), first)
+    (volume / "..data").symlink_to(first.name)
+    for name in ("cert.pem", "key.pem", "bundle.pem"):
+        (volume / name).symlink_to(f"..data/{name}")
+    app = App()
+    side = Sidecar(tmp_path, "k8s", api_config(volume, app.port, [FRONTEND])).wait_ready()
+    try:
+        second = volume / "..2026_02"
+        shutil.copytree(fresh(ca, "api", f"spiffe://{TD}/ns/prod/sa/api"), second)
+        (volume / "..data_tmp").symlink_to(second.name)
+        os.replace(volume / "..data_tmp", volume / "..data")
+        event = side.wait_event(lambda e: e["event"] == "reloaded", timeout=5, what="reload after symlink swap")
+        assert "file change" in event["trigger"]
+    finally:
+        side.stop()
+        app.close()
+
+
+def test_open_connection_streams_through_twenty_rotations_without_losing_a_byte(ca, api):
+    side, ident, _ = api
+    frontend = fresh(ca, "frontend", FRONTEND)
+    conn = tls_connection(frontend, side.ports["api"])
+    received = bytearray()
+    sent = bytearray()
+
+    def reader():
+        while data := conn.recv(65536):
+            received.extend(data)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for rotation in range(20):
+        chunk = bytes([rotation]) * 50_000
+        conn.sendall(chunk)
+        sent += chunk
+        new = fresh(ca, "api", f"spiffe://{TD}/ns/prod/sa/api")
+        replace_atomically(ident / "key.pem", (new / "key.pem").read_bytes())
+        replace_atomically(ident / "cert.pem", (new / "cert.pem").read_bytes())
+        side.signal(signal.SIGHUP)
+        wait_until(lambda: reload_events(side, "reloaded") >= rotation + 1, what=f"rotation {rotation + 1}")
+    conn.sendall(b"end")
+    sent += b"end"
+    wait_until(lambda: len(received) >= len(sent), what="every byte echoed")
+    conn.close()
+    thread.join(10)
+    assert bytes(received) == bytes(sent)
+
+
+def test_policy_change_closes_connections_no_longer_allowed_and_keeps_the_rest(ca, api):
+    side, ident, app = api
+    frontend = tls_connection(fresh(ca, "frontend", FRONTEND), side.ports["api"])
+    web = tls_connection(fresh(ca, "web", WEB), side.ports["api"])
+    for conn in (frontend, web):
+        conn.sendall(b"hi")
+        assert conn.recv(10) == b"hi"
+    side.config_path.write_text(api_config(ident, app.port, [FRONTEND]))
+    event = side.wait_event(lambda e: e["event"] == "conn_closed" and e.get("reason") == "policy_revoked")
+    assert event["peer_id"] == WEB
+    assert "policy changed" in event["detail"]
+    with pytest.raises((ConnectionError, OSError)):
+        web.sendall(b"more")
+        if web.recv(10) == b"":
+            raise ConnectionError("closed")
+    frontend.sendall(b"still allowed")
+    assert frontend.recv(100) == b"still allowed"
+    frontend.close()
+    web.close()
+
+
+def test_revocation_reaching_the_sidecar_cuts_open_connections_and_new_handshakes(ca, tmp_path):
+    root, ca_dir = ca
+    ident = tmp_path / "identity"
+    shutil.copytree(fresh(ca, "api", f"spiffe://{TD}/ns/prod/sa/api"), ident)
+    crl_path = tmp_path / "crl.pem"
+    run_ca(ca_dir, "crl", "--out", str(crl_path))
+    victim_id = f"spiffe://{TD}/ns/prod/sa/victim-{os.urandom(3).hex()}"
+    victim = fresh(ca, "victim", victim_id)
+    app = App()
+    side = Sidecar(tmp_path, "crl", api_config(ident, app.port, [f"spiffe://{TD}/ns/prod/*"], crl=crl_path))
+    side.wait_ready()
+    try:
+        conn = tls_connection(victim, side.ports["api"])
+        conn.sendall(b"before")
+        assert conn.recv(10) == b"before"
+        run_ca(ca_dir, "revoke", victim_id, "--reason", "keyCompromise")
+        fresh_crl = tmp_path / "crl.new"
+        run_ca(ca_dir, "crl", "--out", str(fresh_crl))
+        os.replace(fresh_crl, crl_path)  # "the CRL reaches the sidecar": a file copy
+        event = side.wait_event(lambda e: e.get("reason") == "policy_revoked", timeout=2.5, what="cut within 2 s")
+        assert event["peer_id"] == victim_id and "CRL" in event["detail"]
+        local_port, _ = tls_client(victim, side.ports["api"])
+        assert denial_for(side, local_port)["reason"] == "revoked"
+        conn.close()
+    finally:
+        side.stop()
+        app.close()
+
+
+def test_reload_failure_is_counted_and_named_and_nothing_changes(ca, api):
+    side, ident, app = api
+    side.config_path.write_text(api_config(ident, app.port, ["spiffe://Example.org/x"]))
+    failed = side.wait_event(lambda e: e["event"] == "reload_failed")
+    assert "inbound[0].allow[0]" in failed["detail"]
+    frontend = fresh(ca, "frontend", FRONTEND)
+    assert tls_client(frontend, side.ports["api"], b"old policy")[1] == "data b'old policy'"
