@@ -1,0 +1,91 @@
+"""``proxy check -c FILE``: validate the config and the identity files it names, list every problem.
+
+For ``check``, anything ``expiry_warnings`` reports (a certificate expiring within 24 h, a stale CRL)
+is a problem too: the point of running it is to catch what would break soon.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TextIO
+
+from proxy.config import Config, ConfigError, load_config
+from proxy.credentials import Credentials, CredentialError, expiry_warnings, load_credentials, roughly
+
+
+def run_check(config_path: str | Path, *, now: datetime | None = None) -> tuple[bool, list[str]]:
+    """(True, summary lines) when everything is valid, else (False, one line per problem).
+
+    Identity files are checked even when other parts of the config are broken, as long as the
+    ``identity`` section itself is valid, so one run reports config and file problems together.
+    """
+    now = now or datetime.now(timezone.utc)
+    problems: list[str] = []
+    config = None
+    try:
+        config = load_config(config_path)
+        identity = config.identity
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        identity = exc.identity
+    creds = None
+    if identity is not None:
+        try:
+            creds = load_credentials(identity, now=now)
+        except CredentialError as exc:
+            problems.extend(exc.problems)
+    if creds is not None:
+        problems.extend(expiry_warnings(creds, now))
+    if problems:
+        return False, problems
+    return True, _summary(config, creds, now)
+
+
+def check_main(config_path: str | Path, out: TextIO, err: TextIO) -> int:
+    """Run the check and print it: the summary on ``out`` (exit 0), or the problems on ``err`` (exit 1)."""
+    ok, lines = run_check(config_path)
+    if ok:
+        for line in lines:
+            print(line, file=out)
+        return 0
+    for line in lines:
+        print(line, file=err)
+    count = f"{len(lines)} problem" + ("s" if len(lines) != 1 else "")
+    print(f"check failed: {count} with {config_path}", file=err)
+    return 1
+
+
+def _summary(config: Config, creds: Credentials, now: datetime) -> list[str]:
+    identity = config.identity
+    roots = len(creds.bundle)
+    lines = [
+        f"ok: {config.source}",
+        f"identity: {creds.spiffe_id}",
+        f"  certificate: {identity.cert} (serial {creds.leaf.serial_number:x}), valid until "
+        f"{creds.not_after:%Y-%m-%dT%H:%M:%SZ} ({roughly(creds.not_after - now)} left)",
+        f"  trust bundle: {identity.bundle} ({roots} root{'s' if roots != 1 else ''})",
+    ]
+    if identity.crl:
+        revoked = len(creds.revoked_serials)
+        lines.append(f"  crl: {identity.crl} ({revoked} revoked serial{'s' if revoked != 1 else ''})")
+    if identity.renew:
+        lines.append(f"  renew: from {identity.renew.url} at {identity.renew.at:.0%} of the lifetime")
+    for inbound in config.inbound:
+        extras = " (audit: denials are logged, not enforced)" if inbound.mode == "audit" else ""
+        extras += " (PROXY v2 header to the app)" if inbound.proxy_protocol else ""
+        lines.append(
+            f"inbound {inbound.name}: {inbound.listen} -> {inbound.forward}{extras}, allows "
+            + ", ".join(str(pattern) for pattern in inbound.allow)
+        )
+    for outbound in config.outbound:
+        sni = f" (SNI {outbound.server_name})" if outbound.server_name else ""
+        lines.append(
+            f"outbound {outbound.name}: {outbound.listen} -> {outbound.connect}{sni}, expects "
+            + ", ".join(str(pattern) for pattern in outbound.expect)
+        )
+    if not config.inbound and not config.outbound:
+        lines.append("no inbound or outbound listeners: all traffic is denied")
+    if config.admin:
+        lines.append(f"admin: {config.admin.listen}")
+    return lines

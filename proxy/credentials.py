@@ -1,0 +1,462 @@
+"""Load the sidecar's identity files into one immutable ``Credentials`` value.
+
+Theory of operation: every configured file is opened and read exactly once per load (stat, then
+bytes, then parse), so a load racing with a writer sees one snapshot of each file, and the stat taken
+*before* reading lets a watcher notice any write that lands after it. Every check runs even when an
+earlier one failed, and all problems are raised together in CredentialError, each naming the file and
+what to do. Nothing here mutates shared state: a reload builds a new value, and the caller swaps it in
+with one assignment, or keeps the old one when this raises.
+
+The chain is verified by OpenSSL (pyOpenSSL), the same engine that verifies peers on the data path,
+with time checks switched off; validity windows are then checked here, for every certificate of the
+verified path, so an expired certificate gets a message saying which one and when.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from OpenSSL import crypto
+
+from proxy.config import IdentityConfig
+from proxy.identity import NotSvid, SpiffeId, svid_id
+
+EXPIRY_WARNING = timedelta(hours=24)
+# X509_V_FLAG_NO_CHECK_TIME from OpenSSL's x509_vfy.h; pyOpenSSL has no name for it.
+_NO_CHECK_TIME = 0x200000
+# OpenSSL verify errors meaning "no issuer found for this certificate".
+_NO_ISSUER_ERRORS = (2, 20)  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT(_LOCALLY)
+
+_CERTIFICATE = "CERTIFICATE"
+_CRL = "X509 CRL"
+_PRIVATE_KEY = "(?:EC |RSA |ENCRYPTED )?PRIVATE KEY"
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What a watcher compares to notice that a file changed (or was replaced by a rename)."""
+
+    mtime_ns: int
+    size: int
+    inode: int
+    device: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStamp:
+        return cls(st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+@dataclass(frozen=True, eq=False)
+class Credentials:
+    """A consistent snapshot of our identity. Compared by identity: a reload makes a new object."""
+
+    cert_chain: tuple[x509.Certificate, ...]  # leaf first, then intermediates, as in the cert file
+    key: PrivateKeyTypes
+    bundle: tuple[x509.Certificate, ...]  # trust roots (several during CA rotation)
+    crls: tuple[x509.CertificateRevocationList, ...]  # only CRLs whose signature verified
+    spiffe_id: SpiffeId  # of our own leaf
+    not_before: datetime  # leaf validity, UTC aware
+    not_after: datetime
+    revoked_serials: frozenset[int]  # from all trusted CRLs, for checking peers quickly
+    config: IdentityConfig  # the paths these were read from
+    files: Mapping[Path, FileStamp]  # stamp of each file, taken just before it was read
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.cert_chain[0]
+
+
+class CredentialError(Exception):
+    """Every problem found with the identity files, one sentence each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+def load_credentials(identity: IdentityConfig, *, now: datetime | None = None) -> Credentials:
+    """Read, parse and validate the identity files; raise CredentialError listing every problem.
+
+    Validation: each file readable, non-empty and complete PEM; the key matches the leaf; the leaf is
+    an X.509-SVID; the chain verifies against the bundle; every certificate on the path is valid at
+    ``now``; each CRL is signed by a CA on our path or in the bundle; none of ours is revoked.
+    Expiry within a day is not a problem here; see ``expiry_warnings``.
+    """
+    now = _utc(now)
+    problems: list[str] = []
+    stamps: dict[Path, FileStamp] = {}
+
+    cert_data = _read_file(identity.cert, "certificate", "identity.cert", problems, stamps)
+    key_data = _read_file(identity.key, "private key", "identity.key", problems, stamps)
+    bundle_data = _read_file(identity.bundle, "trust bundle", "identity.bundle", problems, stamps)
+    crl_data = _read_file(identity.crl, "CRL", "identity.crl", problems, stamps) if identity.crl else None
+
+    chain = _certificates(identity.cert, cert_data, problems)
+    key = _private_key(identity.key, key_data, problems)
+    bundle = _certificates(identity.bundle, bundle_data, problems)
+    crls = _crls(identity.crl, crl_data, problems) if identity.crl else ()
+
+    spiffe_id = None
+    if chain:
+        spiffe_id = _leaf_id(identity.cert, chain, problems)
+        if key is not None and not _same_public_key(chain[0], key):
+            problems.append(
+                f"{identity.key}: this private key does not belong to the certificate in {identity.cert}; "
+                "install the key that was issued together with that certificate"
+            )
+    trusted_roots = _check_bundle(identity.bundle, bundle, problems)
+    path = _verified_path(identity, chain, trusted_roots, problems) if chain and trusted_roots else None
+    for cert in path or chain:
+        _check_validity(identity.bundle if cert in bundle else identity.cert, cert, now, problems)
+    crl_issuers = tuple(path or chain[1:]) + tuple(trusted_roots)
+    trusted_crls = _trusted_crls(identity, crls, crl_issuers, problems)
+    for position, cert in enumerate(chain):
+        _check_not_revoked(identity, cert, position, trusted_crls, problems)
+
+    if problems:
+        raise CredentialError(problems)
+    leaf = chain[0]
+    return Credentials(
+        cert_chain=chain,
+        key=key,
+        bundle=bundle,
+        crls=trusted_crls,
+        spiffe_id=spiffe_id,
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        revoked_serials=frozenset(r.serial_number for crl in trusted_crls for r in crl),
+        config=identity,
+        files=MappingProxyType(stamps),
+    )
+
+
+def expiry_warnings(
+    creds: Credentials, now: datetime | None = None, *, within: timedelta = EXPIRY_WARNING
+) -> list[str]:
+    """Things that will break soon: certificates expiring within ``within`` (or already expired
+    since the load), trust roots in the bundle that expire, and CRLs whose next update is past."""
+    now = _utc(now)
+    warnings = []
+    for position, cert in enumerate(creds.cert_chain):
+        what = f"our certificate for {creds.spiffe_id}" if position == 0 else f"intermediate {_subject(cert)}"
+        warning = _expiry_warning(what, cert, now, within, "renew it")
+        if warning:
+            warnings.append(f"{creds.config.cert}: {warning}")
+    for cert in creds.bundle:
+        warning = _expiry_warning(f"trust root {_subject(cert)}", cert, now, within,
+                                  "peers chaining to it will be refused; rotate the CA (ca rotate)")
+        if warning:
+            warnings.append(f"{creds.config.bundle}: {warning}")
+    for crl in creds.crls:
+        if crl.next_update_utc is not None and crl.next_update_utc < now:
+            warnings.append(
+                f"{creds.config.crl}: the CRL from {_name(crl.issuer)} is out of date (next update was due "
+                f"{_when(crl.next_update_utc)}, {roughly(now - crl.next_update_utc)} ago); fetch a fresh one (ca crl)"
+            )
+    return warnings
+
+
+def changed_files(creds: Credentials) -> list[Path]:
+    """The identity files whose stamp differs from the one taken at load (a missing file counts)."""
+    changed = []
+    for path, stamp in creds.files.items():
+        try:
+            current = FileStamp.of(os.stat(path))
+        except OSError:
+            current = None
+        if current != stamp:
+            changed.append(path)
+    return changed
+
+
+# --- reading files ----------------------------------------------------------------------------
+
+
+def _read_file(
+    path: Path, what: str, setting: str, problems: list[str], stamps: dict[Path, FileStamp]
+) -> bytes | None:
+    try:
+        with open(path, "rb") as file:
+            stamps[path] = FileStamp.of(os.fstat(file.fileno()))
+            data = file.read()
+    except FileNotFoundError:
+        problems.append(f"{path}: {what} file does not exist; check {setting} in the config")
+        return None
+    except PermissionError:
+        problems.append(f"{path}: cannot read the {what} file: permission denied for this user")
+        return None
+    except OSError as exc:
+        problems.append(f"{path}: cannot read the {what} file: {exc.strerror or exc}")
+        return None
+    if not data.strip():
+        problems.append(f"{path}: {what} file is empty; is it still being written?")
+        return None
+    return data
+
+
+def _pem_blocks(path: Path, data: bytes, label: str, what: str, problems: list[str]) -> list[bytes]:
+    """The complete PEM blocks whose label matches the regex ``label``; a problem if there are none or
+    the last one is cut off (a file caught half-written)."""
+    text = data.decode("ascii", errors="replace")
+    begins = list(re.finditer(rf"-----BEGIN ({label})-----", text))
+    blocks = []
+    for begin in begins:
+        end = text.find(f"-----END {begin.group(1)}-----", begin.end())
+        if end < 0:
+            break
+        blocks.append(text[begin.start() : end].encode() + f"-----END {begin.group(1)}-----\n".encode())
+    if not begins:
+        problems.append(f"{path}: {_no_pem_reason(data, text)}; expected a PEM {what}")
+    elif not blocks:
+        problems.append(f"{path}: no complete PEM {what} block; is the file half-written?")
+    elif len(blocks) < len(begins):
+        problems.append(f"{path}: the last PEM {what} block has no END line; is the file half-written?")
+    return blocks if len(blocks) == len(begins) else []
+
+
+def _no_pem_reason(data: bytes, text: str) -> str:
+    if data[:1] == b"\x30":
+        return "looks like binary DER, not PEM"
+    labels = sorted(set(re.findall(r"-----BEGIN ([A-Z0-9 ]+)-----", text)))
+    if labels:
+        return f"holds only {', '.join(labels)} blocks"
+    return "no PEM block found"
+
+
+def _certificates(path: Path, data: bytes | None, problems: list[str]) -> tuple[x509.Certificate, ...]:
+    if data is None:
+        return ()
+    certs = []
+    blocks = _pem_blocks(path, data, _CERTIFICATE, "certificate", problems)
+    for number, block in enumerate(blocks, 1):
+        try:
+            certs.append(x509.load_pem_x509_certificate(block))
+        except ValueError as exc:
+            problems.append(f"{path}: certificate #{number} cannot be parsed: {exc}")
+    return tuple(certs) if len(certs) == len(blocks) else ()
+
+
+def _crls(path: Path, data: bytes | None, problems: list[str]) -> tuple[x509.CertificateRevocationList, ...]:
+    if data is None:
+        return ()
+    crls = []
+    blocks = _pem_blocks(path, data, _CRL, "CRL", problems)
+    for number, block in enumerate(blocks, 1):
+        try:
+            crls.append(x509.load_pem_x509_crl(block))
+        except ValueError as exc:
+            problems.append(f"{path}: CRL #{number} cannot be parsed: {exc}")
+    return tuple(crls)
+
+
+def _private_key(path: Path, data: bytes | None, problems: list[str]) -> PrivateKeyTypes | None:
+    if data is None:
+        return None
+    blocks = _pem_blocks(path, data, _PRIVATE_KEY, "private key", problems)
+    if not blocks:
+        return None
+    if len(blocks) > 1:
+        problems.append(f"{path}: holds {len(blocks)} private keys; it must hold exactly one")
+        return None
+    try:
+        return serialization.load_pem_private_key(blocks[0], password=None)
+    except TypeError:  # cryptography's way of saying "encrypted, and no password given"
+        problems.append(f"{path}: the private key is encrypted; the sidecar needs an unencrypted key "
+                        "(protect it with file mode 0600 instead)")
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        problems.append(f"{path}: the private key cannot be parsed: {exc}")
+    return None
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+def _leaf_id(path: Path, chain: tuple[x509.Certificate, ...], problems: list[str]) -> SpiffeId | None:
+    try:
+        return svid_id(chain[0], role=None)
+    except NotSvid as exc:
+        hint = ""
+        if _is_ca(chain[0]) and not all(_is_ca(cert) for cert in chain):
+            hint = "; the workload certificate must come first in the file, then its intermediates"
+        problems.append(f"{path}: the first certificate is not an X.509-SVID: {exc}{hint}")
+        return None
+
+
+def _same_public_key(cert: x509.Certificate, key: PrivateKeyTypes) -> bool:
+    def spki(public_key) -> bytes:
+        return public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    return spki(cert.public_key()) == spki(key.public_key())
+
+
+def _check_bundle(path: Path, bundle: tuple[x509.Certificate, ...], problems: list[str]) -> list[x509.Certificate]:
+    """The bundle's CA certificates; a problem for each certificate that is not a CA."""
+    roots = []
+    for number, cert in enumerate(bundle, 1):
+        if _is_ca(cert):
+            roots.append(cert)
+        else:
+            problems.append(
+                f"{path}: certificate #{number} ({_subject(cert)}) is not a CA certificate; the bundle must "
+                "hold trust roots (the CA's bundle.pem), not a workload certificate"
+            )
+    return roots
+
+
+def _verified_path(
+    identity: IdentityConfig,
+    chain: tuple[x509.Certificate, ...],
+    roots: list[x509.Certificate],
+    problems: list[str],
+) -> list[x509.Certificate] | None:
+    """The path leaf -> root that OpenSSL builds (times unchecked), or None after recording why not."""
+    store = crypto.X509Store()
+    for root in roots:
+        store.add_cert(crypto.X509.from_cryptography(root))
+    store.set_flags(_NO_CHECK_TIME)
+    context = crypto.X509StoreContext(
+        store,
+        crypto.X509.from_cryptography(chain[0]),
+        [crypto.X509.from_cryptography(cert) for cert in chain[1:]],
+    )
+    try:
+        return [cert.to_cryptography() for cert in context.get_verified_chain()]
+    except crypto.X509StoreContextError as exc:
+        code, depth, message = exc.errors
+        at = _subject(exc.certificate.to_cryptography())
+        hint = ""
+        if code in _NO_ISSUER_ERRORS:
+            if len(chain) == 1:
+                hint = "; the file holds only the leaf: append its intermediate CA certificate"
+            else:
+                hint = f"; is {identity.bundle} the bundle of the CA that issued this certificate?"
+        problems.append(
+            f"{identity.cert}: the chain does not verify against {identity.bundle}: {message} "
+            f"(at {at}, depth {depth}){hint}"
+        )
+        return None
+
+
+def _check_validity(path: Path, cert: x509.Certificate, now: datetime, problems: list[str]) -> None:
+    what = "certificate" if not _is_ca(cert) else "CA certificate"
+    if now >= cert.not_valid_after_utc:
+        problems.append(
+            f"{path}: {what} {_subject(cert)} expired {_when(cert.not_valid_after_utc)} "
+            f"({roughly(now - cert.not_valid_after_utc)} ago); install a renewed one"
+        )
+    elif now < cert.not_valid_before_utc:
+        problems.append(
+            f"{path}: {what} {_subject(cert)} is not valid until {_when(cert.not_valid_before_utc)} "
+            f"(in {roughly(cert.not_valid_before_utc - now)}); check this machine's clock"
+        )
+
+
+def _trusted_crls(
+    identity: IdentityConfig,
+    crls: tuple[x509.CertificateRevocationList, ...],
+    issuers: tuple[x509.Certificate, ...],
+    problems: list[str],
+) -> tuple[x509.CertificateRevocationList, ...]:
+    """The CRLs signed by one of ``issuers`` (our verified path and the bundle's roots); a problem for
+    each other one, since it cannot be trusted."""
+    trusted = []
+    for number, crl in enumerate(crls, 1):
+        if any(cert.subject == crl.issuer and _crl_signed_by(crl, cert) for cert in issuers):
+            trusted.append(crl)
+        else:
+            problems.append(
+                f"{identity.crl}: CRL #{number} (issuer {_name(crl.issuer)}) is not signed by any CA in "
+                f"{identity.cert} or {identity.bundle}, so it cannot be trusted; fetch it from our CA (ca crl)"
+            )
+    return tuple(trusted)
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(issuer.public_key())
+    except (TypeError, ValueError, UnsupportedAlgorithm):
+        return False
+
+
+def _check_not_revoked(
+    identity: IdentityConfig,
+    cert: x509.Certificate,
+    position: int,
+    crls: tuple[x509.CertificateRevocationList, ...],
+    problems: list[str],
+) -> None:
+    for crl in crls:
+        if crl.issuer != cert.issuer:
+            continue
+        if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+            what = "our own certificate" if position == 0 else f"our intermediate {_subject(cert)}"
+            problems.append(
+                f"{identity.crl}: {what} (serial {cert.serial_number:x}) is revoked by the CRL from "
+                f"{_name(crl.issuer)}; install a newly issued certificate"
+            )
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def _utc(now: datetime | None) -> datetime:
+    return datetime.now(timezone.utc) if now is None else now.astimezone(timezone.utc)
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+
+
+def _name(name: x509.Name) -> str:
+    return repr(name.rfc4514_string())
+
+
+def _subject(cert: x509.Certificate) -> str:
+    """How a message names a certificate: its subject, else (our CA leaves it empty) its URI SAN."""
+    if cert.subject.rfc4514_string():
+        return _name(cert.subject)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
+        uris = []
+    return uris[0] if uris else f"with serial {cert.serial_number:x}"
+
+
+def _when(moment: datetime) -> str:
+    return f"at {moment:%Y-%m-%dT%H:%M:%SZ}"
+
+
+def roughly(delta: timedelta) -> str:
+    """A time span in its two largest units, rounded down: ``29d 23h``, ``1h 59m``, ``3h``, ``30s``."""
+    minutes, seconds = divmod(max(0, int(delta.total_seconds())), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")]
+    while len(parts) > 1 and parts[0][0] == 0:
+        parts.pop(0)
+    return " ".join(f"{count}{unit}" for count, unit in parts[:2] if count) or "0s"
+
+
+def _expiry_warning(what: str, cert: x509.Certificate, now: datetime, within: timedelta, advice: str) -> str | None:
+    expires = cert.not_valid_after_utc
+    if expires <= now:
+        return f"{what} expired {_when(expires)}; {advice}"
+    if expires - now <= within:
+        return f"{what} expires {_when(expires)}, in {roughly(expires - now)}; {advice}"
+    return None
