@@ -71,7 +71,7 @@ def abort_socket(sock: socket.socket) -> None:
         pass
 
 
-async def _send_plain(sock: socket.socket, view: memoryview) -> None:
+async def send_plain(sock: socket.socket, view: memoryview) -> None:
     """Write all of ``view`` (which may point into the scratch buffer) to a plaintext socket."""
     try:
         sent = sock.send(view)
@@ -149,7 +149,7 @@ async def _pump_tls_to_plain(tls: TlsSocket, plain: socket.socket, link: Link) -
         if filled:
             link.bytes_in += filled
             link.last_activity = trio.current_time()
-            await _send_plain(plain, _scratch_view[:filled])
+            await send_plain(plain, _scratch_view[:filled])
         if eof:
             try:
                 plain.shutdown(socket.SHUT_WR)

@@ -38,7 +38,8 @@ from proxy.handshake import HandshakeFailed, TlsSocket
 from proxy.identity import CLIENT, SERVER, SpiffeId
 from proxy.metrics import Metrics
 from proxy.netutil import bound_address, close_socket, connect, listen_socket
-from proxy.relay import Link, Reset, abort_socket, relay
+from proxy.proxy_protocol import v2_header
+from proxy.relay import Link, Reset, abort_socket, relay, send_plain
 from proxy.tls import PeerCheck, TlsContexts, build_contexts
 
 INBOUND = "inbound"
@@ -240,7 +241,17 @@ class Sidecar:
             self.open.add(tracked)
             self._idle = trio.Event() if self._idle.is_set() else self._idle
             self.metrics.active.labels(name, direction).inc()
-            nursery.start_soon(handler, tracked, sock, peer_addr)
+            nursery.start_soon(self._guard, handler, tracked, sock, addr, peer_addr)
+
+    async def _guard(self, handler, tracked: Tracked, sock: socket.socket, addr, peer_addr: str) -> None:
+        """Run one connection's handler; a bug in it closes that connection, never the sidecar."""
+        try:
+            await handler(tracked, sock, addr, peer_addr)
+        except Exception as exc:  # fail closed for this connection, keep serving the others
+            self.log.emit(
+                "error", "internal_error", listener=tracked.listener, direction=tracked.direction,
+                peer_addr=peer_addr, detail=f"{type(exc).__name__}: {exc}",
+            )
 
     def _finish(self, tracked: Tracked) -> None:
         self.open.discard(tracked)
@@ -310,7 +321,7 @@ class Sidecar:
         tracked.serial = tls.check.serial
         return True
 
-    async def _handle_inbound(self, tracked: Tracked, sock: socket.socket, peer_addr: str) -> None:
+    async def _handle_inbound(self, tracked: Tracked, sock: socket.socket, addr, peer_addr: str) -> None:
         gen = self.generation
         lst = gen.inbound[tracked.listener]
         started = trio.current_time()
@@ -335,11 +346,15 @@ class Sidecar:
                     )
                     abort = True
                     return
-                if lst.proxy_protocol:
-                    from proxy.proxy_protocol import v2_header
-
-                    plain.sendall(v2_header(sock.getpeername(), sock.getsockname(), str(check.peer_id)))
                 self._allowed(tracked, peer_addr, check)
+                if lst.proxy_protocol:
+                    header = v2_header(addr, sock.getsockname(), str(check.peer_id))
+                    try:
+                        await send_plain(plain, memoryview(header))
+                    except Reset as exc:
+                        self._closed(tracked, peer_addr, Link(), started, "reset", f"app side: {exc.detail}")
+                        abort = True
+                        return
                 await self._relay(tracked, tls, plain, peer_addr, started, gen)
                 abort = tracked.revoked_detail is not None
         finally:
@@ -348,7 +363,7 @@ class Sidecar:
                 self._close(plain, abort)
             self._finish(tracked)
 
-    async def _handle_outbound(self, tracked: Tracked, app: socket.socket, peer_addr: str) -> None:
+    async def _handle_outbound(self, tracked: Tracked, app: socket.socket, addr, peer_addr: str) -> None:
         gen = self.generation
         lst = gen.outbound[tracked.listener]
         started = trio.current_time()
