@@ -65,6 +65,8 @@ def validate_trust_domain(value: str, *, original: str | None = None) -> str:
         raise InvalidSpiffeId(shown, "trust domain is empty")
     if len(value.encode("utf-8")) > MAX_TRUST_DOMAIN_BYTES:
         raise InvalidSpiffeId(shown, f"trust domain is longer than {MAX_TRUST_DOMAIN_BYTES} bytes")
+    if "@" in value:  # before the scan: in 'user:pw@host' the ':' is not a port
+        raise InvalidSpiffeId(shown, "trust domain must not contain userinfo ('@')")
     for ch in value:
         if ch in TRUST_DOMAIN_CHARS:
             continue

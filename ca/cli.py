@@ -1,0 +1,385 @@
+"""``ca``: argv -> one call into ``ca.operations`` -> printed result and exit code.
+
+Exit codes (contract): 0 ok, 1 refused or invalid (including ``ca verify`` verdicts), 2 usage or
+input error. Every error is one line on stderr, ``ca: <what>: <why>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Sequence
+
+from cryptography.hazmat.primitives import serialization
+
+from ca import operations
+from ca.authority import DEFAULT_KEY_TYPE, KEY_TYPES, REVOCATION_REASONS, format_serial, format_time
+from ca.errors import CaError, InputError
+from ca.store import BUNDLE, INTERMEDIATE_CERT, ROOT_CERT, StateDir, write_file_atomically
+from ca.verify import CrlError, VerifyError, verify_svid_chain
+from proxy.durations import parse_duration
+from proxy.identity import InvalidSpiffeId, parse_pattern
+
+DEFAULT_DIR = "ca-data"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        self.exit(2, f"ca: {message} (see '{self.prog} --help')\n")
+
+
+def _duration(text: str) -> timedelta:
+    try:
+        return timedelta(seconds=parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_state_options(parser: argparse.ArgumentParser, *, on_subcommand: bool) -> None:
+    # On subcommands the default is SUPPRESS, so `ca --dir X issue ...` is not overwritten by None.
+    default = argparse.SUPPRESS if on_subcommand else None
+    parser.add_argument(
+        "--dir", default=default, metavar="DIR", help=f"state directory (default: $CA_DIR, else ./{DEFAULT_DIR})"
+    )
+    parser.add_argument(
+        "--passphrase-file",
+        default=default,
+        metavar="FILE",
+        help="passphrase of the CA keys (default: $CA_PASSPHRASE; without either, keys are not encrypted)",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ca",
+        description="A small SPIFFE CA: issues X.509-SVIDs to workloads, keeps an index, revokes.",
+        epilog="Exit status: 0 ok, 1 refused or invalid, 2 usage or input error.",
+    )
+    _add_state_options(parser, on_subcommand=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help: str, *, state: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        if state:
+            _add_state_options(sub, on_subcommand=True)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = command("init", _init, "create a root CA and an online intermediate CA; refuses to overwrite a CA")
+    sub.add_argument("--trust-domain", required=True, metavar="TD", help="e.g. example.org")
+    sub.add_argument("--key-type", choices=KEY_TYPES, default=DEFAULT_KEY_TYPE, help="(default: %(default)s)")
+    sub.add_argument("--root-ttl", type=_duration, default="87600h", help="root lifetime (default: %(default)s)")
+    sub.add_argument("--ttl", type=_duration, default="8760h", help="intermediate lifetime (default: %(default)s)")
+
+    sub = command(
+        "issue", _issue, "issue an X.509-SVID: OUTDIR/cert.pem, OUTDIR/key.pem (0600), OUTDIR/bundle.pem"
+    )
+    sub.add_argument("spiffe_id", metavar="SPIFFE_ID", help="e.g. spiffe://example.org/ns/prod/sa/web")
+    sub.add_argument(
+        "--ttl",
+        type=_duration,
+        default="24h",
+        help="lifetime (default: %(default)s); refused (exit 1), not shortened, "
+        "if it would outlive the intermediate",
+    )
+    sub.add_argument(
+        "--out",
+        type=Path,
+        metavar="OUTDIR",
+        help="output directory (default: ./NAME, NAME the ID's last path segment: ./web for "
+        "spiffe://td/ns/prod/sa/web); created with mode 0700; the files of the same ID are replaced "
+        "(renewal), another ID's are not",
+    )
+    sub.add_argument("--dns", action="append", default=[], metavar="NAME", help="add a DNS SAN (repeatable)")
+    sub.add_argument(
+        "--csr",
+        type=Path,
+        metavar="CSR.pem",
+        help="certify the key of this CSR (its signature is checked, its names are ignored); writes no key.pem",
+    )
+    sub.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+
+    sub = command("list", _list, "list issued certificates and their status (valid, expired, revoked)")
+    sub.add_argument("--json", action="store_true", help="print a JSON array")
+
+    sub = command(
+        "revoke", _revoke, "revoke one certificate, or every valid certificate of an ID; updates crl.pem"
+    )
+    sub.add_argument("target", metavar="SERIAL|SPIFFE_ID", help="hex serial (as 'ca list' shows) or a SPIFFE ID")
+    sub.add_argument("--reason", choices=REVOCATION_REASONS, default="unspecified", help="(default: %(default)s)")
+
+    sub = command("crl", _crl, "sign a fresh CRL (valid 24h), store it as DIR/crl.pem and print or write it")
+    sub.add_argument("--out", type=Path, metavar="FILE", help="write it here instead of stdout")
+
+    sub = command("bundle", _bundle, "print or write the trust bundle (the root certificates)")
+    sub.add_argument("--out", type=Path, metavar="FILE", help="write it here instead of stdout")
+
+    sub = command(
+        "inspect", _inspect, "show a certificate's ID, serial, issuer, validity, key and fingerprint", state=False
+    )
+    sub.add_argument("cert", type=Path, metavar="CERT", help="PEM or DER file; the first certificate is shown")
+    sub.add_argument("--json", action="store_true", help="print a JSON object")
+
+    sub = command("verify", _verify, "verify an X.509-SVID chain against a bundle (and a CRL)", state=False)
+    sub.add_argument("cert", type=Path, metavar="CERT", help="PEM file: the leaf, then its intermediates")
+    sub.add_argument("--bundle", type=Path, required=True, metavar="B", help="PEM file of trusted roots")
+    sub.add_argument(
+        "--crl", type=Path, metavar="C", help="CRL of the leaf's issuer; a CRL that does not verify is an error"
+    )
+    sub.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        metavar="ID_OR_PATTERN",
+        help="require this ID, or a prefix pattern like spiffe://td/ns/prod/* (repeatable: any may match)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a usage error argparse has already printed (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    try:
+        return args.handler(args, now)
+    except CaError as exc:
+        print(f"ca: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:  # e.g. `ca list | head`: the reader is gone, nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:  # the filesystem said no somewhere we did not expect (full disk, permissions)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"ca: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _state_path(args: argparse.Namespace) -> Path:
+    return Path(args.dir or os.environ.get("CA_DIR") or DEFAULT_DIR)
+
+
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    if args.passphrase_file:
+        try:
+            data = Path(args.passphrase_file).read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read --passphrase-file {args.passphrase_file}: {exc.strerror}") from None
+        data = data.removesuffix(b"\n").removesuffix(b"\r")  # as written by `echo secret > file`
+        if not data:
+            raise InputError(f"--passphrase-file {args.passphrase_file} is empty")
+        return data
+    from_env = os.environ.get("CA_PASSPHRASE")
+    return from_env.encode("utf-8") if from_env else None
+
+
+def _write_output(path: Path, data: bytes) -> None:
+    try:
+        write_file_atomically(path, data)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2))
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def _init(args: argparse.Namespace, now: datetime) -> int:
+    passphrase = _passphrase(args)
+    state = operations.init_ca(
+        _state_path(args),
+        trust_domain=args.trust_domain,
+        key_type=args.key_type,
+        root_ttl=args.root_ttl,
+        ttl=args.ttl,
+        passphrase=passphrase,
+        now=now,
+    )
+    root = state.load_certificate(ROOT_CERT)
+    intermediate = state.load_certificate(INTERMEDIATE_CERT)
+    print(f"created a CA for trust domain {args.trust_domain} in {state.path}")
+    root_expires = format_time(root.not_valid_after_utc)
+    print(f"  root CA          {state.file(ROOT_CERT)}  ({args.key_type}, expires {root_expires})")
+    intermediate_expires = format_time(intermediate.not_valid_after_utc)
+    print(f"  intermediate CA  {state.file(INTERMEDIATE_CERT)}  (expires {intermediate_expires})")
+    print(f"  trust bundle     {state.file(BUNDLE)}  (give it to every sidecar)")
+    print(f"  CRL              {state.file('crl.pem')}")
+    keys = f"{state.file('root.key')}, {state.file('intermediate.key')}"
+    encrypted = (
+        "encrypted with the passphrase" if passphrase else "NOT encrypted: use --passphrase-file or $CA_PASSPHRASE"
+    )
+    print(f"  keys             {keys}  (mode 0600, {encrypted})")
+    return 0
+
+
+def _issue(args: argparse.Namespace, now: datetime) -> int:
+    issued = operations.issue(
+        StateDir.open(_state_path(args)),
+        args.spiffe_id,
+        ttl=args.ttl,
+        now=now,
+        out_dir=args.out,
+        dns_names=args.dns,
+        csr_path=args.csr,
+        passphrase=_passphrase(args),
+    )
+    cert = issued.cert
+    if args.json:
+        _print_json(
+            {
+                "serial": format_serial(cert.serial_number),
+                "spiffe_id": str(issued.spiffe_id),
+                "not_before": format_time(cert.not_valid_before_utc),
+                "not_after": format_time(cert.not_valid_after_utc),
+                "files": {
+                    "cert": str(issued.cert_path),
+                    "key": None if issued.key_path is None else str(issued.key_path),
+                    "bundle": str(issued.bundle_path),
+                },
+            }
+        )
+        return 0
+    print(f"issued {issued.spiffe_id}")
+    print(f"  serial      {format_serial(cert.serial_number)}")
+    print(f"  valid       {format_time(cert.not_valid_before_utc)} to {format_time(cert.not_valid_after_utc)}")
+    print(f"  cert        {issued.cert_path}  (leaf, then intermediate)")
+    if issued.key_path is None:
+        print(f"  key         none written: the CSR's owner holds it ({args.csr})")
+    else:
+        print(f"  key         {issued.key_path}  (mode 0600)")
+    print(f"  bundle      {issued.bundle_path}")
+    return 0
+
+
+def _list(args: argparse.Namespace, now: datetime) -> int:
+    records = StateDir.open(_state_path(args)).records()
+    if args.json:
+        _print_json(
+            [
+                {
+                    "serial": format_serial(record.serial),
+                    "spiffe_id": record.spiffe_id,
+                    "not_before": format_time(record.not_before),
+                    "not_after": format_time(record.not_after),
+                    "status": record.status(now),
+                    "revoked_at": format_time(record.revoked_at) if record.revoked_at else None,
+                    "reason": record.reason,
+                }
+                for record in records
+            ]
+        )
+        return 0
+    print(f"{'SERIAL':<40}  {'STATUS':<7}  {'NOT_AFTER':<20}  SPIFFE_ID")
+    for record in records:
+        print(
+            f"{format_serial(record.serial):<40}  {record.status(now):<7}  "
+            f"{format_time(record.not_after):<20}  {record.spiffe_id}"
+        )
+    return 0
+
+
+def _revoke(args: argparse.Namespace, now: datetime) -> int:
+    result = operations.revoke(
+        StateDir.open(_state_path(args)), args.target, reason=args.reason, now=now, passphrase=_passphrase(args)
+    )
+    for record in result.newly_revoked:
+        print(f"revoked {format_serial(record.serial)} {record.spiffe_id} ({args.reason})")
+    for record in result.untouched:
+        if record.revoked_at is not None:
+            state = f"already revoked at {format_time(record.revoked_at)} ({record.reason})"
+        else:
+            state = f"expired at {format_time(record.not_after)}"
+        print(f"skipped {format_serial(record.serial)} {record.spiffe_id}: {state}")
+    if result.newly_revoked:
+        print(f"CRL updated: {result.crl_path}")
+    else:
+        print("nothing to revoke; CRL unchanged")
+    return 0
+
+
+def _crl(args: argparse.Namespace, now: datetime) -> int:
+    state = StateDir.open(_state_path(args))
+    crl = operations.refresh_crl(state, now=now, passphrase=_passphrase(args))
+    pem = crl.public_bytes(serialization.Encoding.PEM)
+    if args.out is None:
+        sys.stdout.write(pem.decode("ascii"))
+        return 0
+    _write_output(args.out, pem)
+    print(f"wrote {args.out}: {len(crl)} revoked, next update {format_time(crl.next_update_utc)}")
+    return 0
+
+
+def _bundle(args: argparse.Namespace, now: datetime) -> int:
+    state = StateDir.open(_state_path(args))
+    pem = state.file(BUNDLE).read_bytes()
+    if args.out is None:
+        sys.stdout.write(pem.decode("ascii"))
+        return 0
+    _write_output(args.out, pem)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace, now: datetime) -> int:
+    first, *rest = operations.read_certificates(args.cert)
+    facts = operations.describe(first, now=now)
+    facts["chain"] = [cert.subject.rfc4514_string() for cert in rest]
+    if args.json:
+        _print_json(facts)
+        return 0
+    identity = facts["spiffe_id"] or f"none (not an X.509-SVID leaf: {facts['not_svid']})"
+    print(f"spiffe_id    {identity}")
+    print(f"serial       {facts['serial']}")
+    print(f"subject      {facts['subject'] or '(empty)'}")
+    print(f"issuer       {facts['issuer']}")
+    print(f"not_before   {facts['not_before']}")
+    print(f"not_after    {facts['not_after']}  ({facts['status'].replace('_', ' ')})")
+    print(f"key_type     {facts['key_type']}")
+    print(f"sha256       {facts['sha256_fingerprint']}")
+    if facts["dns_names"]:
+        print(f"dns_names    {', '.join(facts['dns_names'])}")
+    print(f"ca           {'yes' if facts['ca'] else 'no'}")
+    if rest:
+        print(f"chain        {len(rest)} more in the file: {'; '.join(facts['chain'])}")
+    return 0
+
+
+def _verify(args: argparse.Namespace, now: datetime) -> int:
+    try:
+        allowed = [parse_pattern(value) for value in args.expect]
+    except InvalidSpiffeId as exc:
+        raise InputError(f"--expect: {exc}") from None
+    leaf, *intermediates = operations.read_certificates(args.cert)
+    roots = operations.read_certificates(args.bundle, "bundle")
+    crls = operations.read_crls(args.crl) if args.crl is not None else []
+    try:
+        result = verify_svid_chain(leaf, intermediates, roots, now=now, crls=crls, allowed=allowed)
+    except VerifyError as exc:
+        print(exc)
+        return 1
+    except CrlError as exc:
+        raise InputError(f"--crl {args.crl}: {exc}") from None
+    leaf_issuer = result.chain[1] if len(result.chain) > 1 else leaf
+    if crls and not any(crl.issuer == leaf_issuer.subject for crl in result.crls_used):
+        issuer = leaf.issuer.rfc4514_string()
+        raise InputError(
+            f"--crl {args.crl}: no CRL in it is from '{issuer}', the issuer of {args.cert}, "
+            "so it cannot say whether the certificate is revoked"
+        )
+    print(
+        f"valid: {result.spiffe_id} (serial {format_serial(leaf.serial_number)}, "
+        f"expires {format_time(leaf.not_valid_after_utc)})"
+    )
+    return 0

@@ -1,0 +1,369 @@
+"""The state directory: CA certificates and keys as files, issued certificates in a SQLite index.
+
+Layout of DIR (mode 0700)::
+
+    root.pem  root.key            the root (its key is only used by init)
+    intermediate.pem  intermediate.key   the online CA that signs leaves and the CRL
+    bundle.pem                    the trust roots to hand to every sidecar
+    crl.pem                       the current CRL, rewritten on every revoke and by `ca crl`
+    ca.db                         SQLite: table `meta` (trust domain, key type, CRL number) and `certs`
+
+Keys are created with mode 0600 from their first byte and appear under their final name only once
+complete (temporary file, fsync, rename or link, fsync of the directory). `ca.db` is the last file
+init creates, so its presence means "a CA lives here".
+
+Concurrency: the database runs in WAL mode and every write is one ``BEGIN IMMEDIATE`` transaction
+under a generous busy timeout, so two admins issuing at once queue for a moment instead of losing a
+record. Serial numbers are the primary key: a collision is detected, never silently overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from ca.authority import PrivateKey, Revocation, format_serial, format_time
+from ca.errors import InputError, Refused
+
+DB_NAME = "ca.db"
+ROOT_CERT = "root.pem"
+ROOT_KEY = "root.key"
+INTERMEDIATE_CERT = "intermediate.pem"
+INTERMEDIATE_KEY = "intermediate.key"
+BUNDLE = "bundle.pem"
+CRL = "crl.pem"
+KEY_MODE = 0o600
+PUBLIC_MODE = 0o644
+BUSY_TIMEOUT_S = 60.0
+
+VALID = "valid"
+EXPIRED = "expired"
+REVOKED = "revoked"
+
+_SCHEMA = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE certs (
+    serial     TEXT PRIMARY KEY,  -- lower-case hex, see ca.authority.format_serial
+    spiffe_id  TEXT NOT NULL,
+    not_before TEXT NOT NULL,     -- ISO 8601 UTC, 'YYYY-MM-DDTHH:MM:SSZ' (sorts as time)
+    not_after  TEXT NOT NULL,
+    issued_at  TEXT NOT NULL,
+    revoked_at TEXT,
+    reason     TEXT,
+    cert_pem   TEXT NOT NULL
+);
+CREATE INDEX certs_by_spiffe_id ON certs (spiffe_id);
+"""
+
+
+def write_file_atomically(path: Path, data: bytes, *, mode: int = PUBLIC_MODE, replace: bool = True) -> None:
+    """Write ``path`` so that readers see the old content or the new, never a part of it.
+
+    The temporary file is created in the same directory with ``mode`` (so a key is 0600 from its
+    first byte), fsynced, then renamed over ``path`` (``replace=True``) or hard-linked to it, which
+    fails with Refused if ``path`` exists (``replace=False``). The directory is fsynced last.
+    """
+    directory = path.parent
+    temporary = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise Refused(f"{path} already exists; refusing to overwrite it") from None
+            os.unlink(temporary)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One issued certificate as the index knows it."""
+
+    serial: int
+    spiffe_id: str
+    not_before: datetime
+    not_after: datetime
+    issued_at: datetime
+    revoked_at: datetime | None
+    reason: str | None
+
+    def status(self, now: datetime) -> str:
+        if self.revoked_at is not None:
+            return REVOKED
+        return EXPIRED if now > self.not_after else VALID
+
+
+def _record(row: sqlite3.Row) -> Record:
+    return Record(
+        serial=int(row["serial"], 16),
+        spiffe_id=row["spiffe_id"],
+        not_before=_parse_time(row["not_before"]),
+        not_after=_parse_time(row["not_after"]),
+        issued_at=_parse_time(row["issued_at"]),
+        revoked_at=_parse_time(row["revoked_at"]) if row["revoked_at"] else None,
+        reason=row["reason"],
+    )
+
+
+class StateDir:
+    """A CA's state directory. ``StateDir.open`` for an existing CA; ``create`` during ``ca init``."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # --- creation ------------------------------------------------------------------------------
+
+    def ensure_free(self) -> None:
+        """Refuse if this directory already holds a CA, or any CA key (never overwrite a key)."""
+        if self.file(DB_NAME).exists():
+            raise Refused(f"a CA already exists in {self.path} ({DB_NAME}); refusing to overwrite it")
+        for name in (ROOT_KEY, INTERMEDIATE_KEY):
+            if self.file(name).exists():
+                raise Refused(
+                    f"{self.file(name)} exists but {DB_NAME} does not (an interrupted 'ca init'?); "
+                    "refusing to overwrite a CA key: move it away first"
+                )
+
+    def create(
+        self,
+        *,
+        trust_domain: str,
+        key_type: str,
+        root: x509.Certificate,
+        root_key_pem: bytes,
+        intermediate: x509.Certificate,
+        intermediate_key_pem: bytes,
+        crl: x509.CertificateRevocationList,
+    ) -> None:
+        """Write a new CA. On any failure the files written so far are removed again."""
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create state directory {self.path}: {exc.strerror}") from None
+        self.ensure_free()
+        pem = serialization.Encoding.PEM
+        files = [
+            (ROOT_KEY, root_key_pem, KEY_MODE, False),
+            (INTERMEDIATE_KEY, intermediate_key_pem, KEY_MODE, False),
+            (ROOT_CERT, root.public_bytes(pem), PUBLIC_MODE, True),
+            (INTERMEDIATE_CERT, intermediate.public_bytes(pem), PUBLIC_MODE, True),
+            (BUNDLE, root.public_bytes(pem), PUBLIC_MODE, True),
+            (CRL, crl.public_bytes(pem), PUBLIC_MODE, True),
+        ]
+        written: list[Path] = []
+        try:
+            for name, data, mode, replace in files:
+                try:
+                    write_file_atomically(self.file(name), data, mode=mode, replace=replace)
+                except OSError as exc:
+                    raise InputError(f"cannot write {self.file(name)}: {exc.strerror}") from None
+                written.append(self.file(name))
+            self._create_database(trust_domain=trust_domain, key_type=key_type)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+
+    def _create_database(self, *, trust_domain: str, key_type: str) -> None:
+        """Build the index under a temporary name, then link it into place: it appears complete or not at all."""
+        temporary = self.file(f".{DB_NAME}.{secrets.token_hex(6)}.tmp")
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_MODE))
+        try:
+            with closing(sqlite3.connect(temporary, isolation_level=None)) as db:
+                db.execute("PRAGMA journal_mode=WAL")  # persistent: recorded in the file header
+                db.executescript(_SCHEMA)
+                db.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [("trust_domain", trust_domain), ("key_type", key_type), ("crl_number", "1")],
+                )
+            os.link(temporary, self.file(DB_NAME))
+        except FileExistsError:
+            raise Refused(f"a CA already exists in {self.path} ({DB_NAME}); refusing to overwrite it") from None
+        finally:
+            temporary.unlink(missing_ok=True)
+        _fsync_directory(self.path)
+
+    # --- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path) -> "StateDir":
+        state = cls(path)
+        if not state.file(DB_NAME).is_file():
+            raise InputError(f"no CA in {state.path}: run 'ca init --trust-domain TD' first")
+        state.meta  # read now: a damaged index is reported before anything else happens
+        return state
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            db = sqlite3.connect(self.file(DB_NAME), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise InputError(f"cannot open {self.file(DB_NAME)}: {exc}") from None
+        db.row_factory = sqlite3.Row
+        try:
+            yield db
+        except sqlite3.IntegrityError:
+            raise  # a constraint the caller handles, not a damaged file
+        except sqlite3.DatabaseError as exc:
+            raise InputError(f"{self.file(DB_NAME)}: {exc}") from None
+        finally:
+            db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken up front (BEGIN IMMEDIATE) so concurrent writers queue."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @cached_property
+    def meta(self) -> dict[str, str]:
+        with self._connect() as db:
+            return {row["key"]: row["value"] for row in db.execute("SELECT key, value FROM meta")}
+
+    @property
+    def trust_domain(self) -> str:
+        return self.meta["trust_domain"]
+
+    @property
+    def key_type(self) -> str:
+        """The CA's key type; leaves get a fresh key of the same type."""
+        return self.meta["key_type"]
+
+    def load_certificate(self, name: str) -> x509.Certificate:
+        path = self.file(name)
+        try:
+            return x509.load_pem_x509_certificate(path.read_bytes())
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror}") from None
+        except ValueError:
+            raise InputError(f"{path} is not a PEM certificate (damaged?)") from None
+
+    def load_private_key(self, name: str, passphrase: bytes | None) -> PrivateKey:
+        """Load a CA key; a passphrase is used only if the key is encrypted."""
+        path = self.file(name)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror}") from None
+        encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data
+        if encrypted and not passphrase:
+            raise InputError(f"{path} is encrypted: give --passphrase-file FILE or set $CA_PASSPHRASE")
+        try:
+            return serialization.load_pem_private_key(data, password=passphrase if encrypted else None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            if encrypted:
+                raise InputError(f"cannot decrypt {path}: wrong passphrase (or the file is damaged)") from None
+            raise InputError(f"{path} is not a valid PEM private key (damaged?)") from None
+
+    # --- the index -----------------------------------------------------------------------------
+
+    def add(self, cert: x509.Certificate, spiffe_id: str, *, now: datetime) -> bool:
+        """Record an issued certificate. False if its serial is already taken (the caller picks another)."""
+        try:
+            with self.transaction() as db:
+                db.execute(
+                    "INSERT INTO certs (serial, spiffe_id, not_before, not_after, issued_at, cert_pem)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        format_serial(cert.serial_number),
+                        spiffe_id,
+                        format_time(cert.not_valid_before_utc),
+                        format_time(cert.not_valid_after_utc),
+                        format_time(now),
+                        cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def records(self) -> list[Record]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM certs ORDER BY issued_at, rowid").fetchall()
+        return [_record(row) for row in rows]
+
+    @staticmethod
+    def find(db: sqlite3.Connection, *, serial: int | None = None, spiffe_id: str | None = None) -> list[Record]:
+        """The records of one serial, or of one SPIFFE ID (oldest first)."""
+        if serial is not None:
+            rows = db.execute("SELECT * FROM certs WHERE serial = ?", (format_serial(serial),))
+        else:
+            rows = db.execute(
+                "SELECT * FROM certs WHERE spiffe_id = ? ORDER BY issued_at, rowid", (spiffe_id,)
+            )
+        return [_record(row) for row in rows]
+
+    @staticmethod
+    def mark_revoked(db: sqlite3.Connection, serials: list[int], *, at: datetime, reason: str) -> None:
+        db.executemany(
+            "UPDATE certs SET revoked_at = ?, reason = ? WHERE serial = ? AND revoked_at IS NULL",
+            [(format_time(at), reason, format_serial(serial)) for serial in serials],
+        )
+
+    @staticmethod
+    def revocations(db: sqlite3.Connection, *, now: datetime) -> list[Revocation]:
+        """Revoked certificates that have not expired yet: the ones a CRL must list."""
+        rows = db.execute(
+            "SELECT serial, revoked_at, reason FROM certs"
+            " WHERE revoked_at IS NOT NULL AND not_after >= ? ORDER BY revoked_at, rowid",
+            (format_time(now),),
+        )
+        return [
+            Revocation(int(row["serial"], 16), _parse_time(row["revoked_at"]), row["reason"]) for row in rows
+        ]
+
+    @staticmethod
+    def next_crl_number(db: sqlite3.Connection) -> int:
+        """Take the next CRL number (meta 'crl_number' holds the last one used; init's CRL is 1)."""
+        (last,) = db.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()
+        number = int(last) + 1
+        db.execute("UPDATE meta SET value = ? WHERE key = 'crl_number'", (str(number),))
+        return number
