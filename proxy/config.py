@@ -115,6 +115,14 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS 1.3 session resumption between sidecars (off by default: every connection is a full handshake)."""
+
+    session_resumption: bool = False
+    session_lifetime: float = 3600.0  # also capped by the certificates' remaining life
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "json"
@@ -130,6 +138,7 @@ class Config:
     limits: Limits
     log: LogConfig
     source: Path  # the config file, as given to load_config / parse_config
+    tls: TlsConfig = TlsConfig()
 
 
 class ConfigError(Exception):
@@ -440,7 +449,7 @@ class _Reader:
     def config(self, root: MappingNode, source: Path) -> Config:
         fields = self.mapping(
             root, "", required=("identity",),
-            optional=("inbound", "outbound", "admin", "timeouts", "limits", "log"),
+            optional=("inbound", "outbound", "admin", "timeouts", "limits", "log", "tls"),
         )
         assert fields is not None  # root is a mapping
         before = len(self.problems)
@@ -453,13 +462,14 @@ class _Reader:
         timeouts = self.timeouts(fields["timeouts"]) if "timeouts" in fields else Timeouts()
         limits = self.limits(fields["limits"]) if "limits" in fields else Limits()
         log = self.log(fields["log"]) if "log" in fields else LogConfig()
+        tls = self.tls(fields["tls"]) if "tls" in fields else TlsConfig()
         self.check_unique_names(fields)
         self.check_listen_conflicts(fields)
 
         if self.problems:
             ordered = [message for _, message in sorted(self.problems, key=lambda p: p[0])]
             raise ConfigError(ordered, identity=valid_identity)
-        return Config(identity, inbound, outbound, admin, timeouts, limits, log, source)
+        return Config(identity, inbound, outbound, admin, timeouts, limits, log, source, tls)
 
     def identity(self, node: Node) -> IdentityConfig | None:
         before = len(self.problems)
@@ -602,6 +612,18 @@ class _Reader:
         level = self.choice(fields["level"], "log.level", LOG_LEVELS) if "level" in fields else "info"
         form = self.choice(fields["format"], "log.format", LOG_FORMATS) if "format" in fields else "json"
         return LogConfig(level, form) if level and form else None
+
+    def tls(self, node: Node) -> TlsConfig | None:
+        fields = self.mapping(node, "tls", optional=("session_resumption", "session_lifetime"))
+        if fields is None:
+            return None
+        resumption = (self.boolean(fields["session_resumption"], "tls.session_resumption")
+                      if "session_resumption" in fields else False)
+        lifetime = (self.duration(fields["session_lifetime"], "tls.session_lifetime")
+                    if "session_lifetime" in fields else TlsConfig.session_lifetime)
+        if resumption is None or lifetime is None:
+            return None
+        return TlsConfig(resumption, lifetime)
 
     # rules across sections
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import errno as errno_codes
 import socket
+from datetime import datetime, timezone
 
 import trio
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 
 from proxy import policy
 from proxy.tls import PeerCheck
@@ -88,6 +90,11 @@ class TlsSocket:
                     raise self._translate(exc) from None
         if scope.cancelled_caught:
             raise HandshakeFailed(policy.HANDSHAKE_TIMEOUT, f"no complete TLS handshake within {timeout:g}s")
+        if self.check.peer_id is None and _lib.SSL_session_reused(self.conn._ssl):
+            cert = self.conn.get_peer_certificate(as_cryptography=True)
+            if cert is None or not self.check.check_resumed(cert, datetime.now(timezone.utc)):
+                reason, detail = self.check.failure or (policy.NOT_SVID, "no peer certificate in the session")
+                raise HandshakeFailed(reason, f"resumed session: {detail}")
         if self.check.peer_id is None:  # cannot happen with VERIFY_PEER, but fail closed
             raise HandshakeFailed(policy.NOT_SVID, "peer presented no verifiable certificate")
 

@@ -24,11 +24,13 @@ from __future__ import annotations
 import errno
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
 import trio
+from OpenSSL import SSL
 
 from proxy import policy
 from proxy.config import Config, ConfigError, InboundConfig, OutboundConfig, load_config
@@ -40,7 +42,7 @@ from proxy.metrics import Metrics
 from proxy.netutil import bound_address, close_socket, connect, listen_socket
 from proxy.proxy_protocol import v2_header
 from proxy.relay import Link, Reset, abort_socket, relay, send_plain
-from proxy.tls import PeerCheck, TlsContexts, build_contexts
+from proxy.tls import PeerCheck, TlsContexts, build_contexts, session_lifetime
 
 INBOUND = "inbound"
 OUTBOUND = "outbound"
@@ -67,6 +69,9 @@ class Generation:
     contexts: TlsContexts
     inbound: dict[str, InboundConfig]
     outbound: dict[str, OutboundConfig]
+    # Outbound listener name -> (TLS session to resume, trio time it expires). It belongs to the
+    # generation, so a reload (new identity, bundle, CRL or policy) starts with no session at all.
+    sessions: dict[str, tuple[SSL.Session, float]] = field(default_factory=dict)
 
 
 def load_generation(config_path: Path) -> Generation:
@@ -79,8 +84,11 @@ def load_generation(config_path: Path) -> Generation:
         creds = load_credentials(config.identity)
     except CredentialError as exc:
         raise StartupError(list(exc.problems)) from None
+    lifetime = 0
+    if config.tls.session_resumption:
+        lifetime = session_lifetime(creds, config.tls.session_lifetime, datetime.now(timezone.utc))
     try:
-        contexts = build_contexts(creds)
+        contexts = build_contexts(creds, lifetime)
     except Exception as exc:  # OpenSSL refusing a key or certificate we already validated
         raise StartupError([f"{config.identity.cert}: TLS setup failed: {exc}"]) from None
     return Generation(
@@ -285,7 +293,8 @@ class Sidecar:
             self.log.emit(
                 "info", "conn_allowed", listener=tracked.listener, direction=tracked.direction,
                 peer_id=str(check.peer_id), peer_addr=peer_addr, reason=None,
-                detail=decision.detail if decision is not None else None,
+                detail=(decision.detail if decision is not None else "")
+                + (" (resumed TLS session)" if check.resumed else ""),
             )
 
     def _closed(self, tracked: Tracked, peer_addr: str, link: Link, started: float, reason, detail) -> None:
@@ -388,12 +397,18 @@ class Sidecar:
                     gen.contexts.client, upstream, check, server_side=False,
                     server_name=lst.server_name or _sni_default(lst.connect.host),
                 )
+                cached = gen.sessions.get(lst.name)
+                if cached is not None and cached[1] > trio.current_time():
+                    tls.conn.set_session(cached[0])
                 if not await self._handshake(tracked, tls, gen, peer_addr, started):
+                    gen.sessions.pop(lst.name, None)
                     abort = True
                     return
                 self._allowed(tracked, peer_addr, check)
                 await self._relay(tracked, tls, app, peer_addr, started, gen)
                 abort = tracked.revoked_detail is not None
+                if gen.config.tls.session_resumption and not abort:
+                    self._remember_session(gen, lst.name, tls)
         finally:
             self._close(app, abort)
             if upstream is not None:
@@ -419,6 +434,20 @@ class Sidecar:
             elif tracked.scope.cancel_called and reason is None and self.draining:
                 detail = "drain timeout reached"
             self._closed(tracked, peer_addr, link, started, reason, detail)
+
+    def _remember_session(self, gen: Generation, listener: str, tls: TlsSocket) -> None:
+        """Keep the connection's session (its tickets arrived while relaying) for the next connection."""
+        session = tls.conn.get_session()
+        if session is None or tls.check.not_after is None:
+            return
+        now = datetime.now(timezone.utc)
+        lifetime = min(
+            gen.config.tls.session_lifetime,
+            (tls.check.not_after - now).total_seconds(),
+            (gen.creds.not_after - now).total_seconds(),
+        )
+        if lifetime > 0:
+            gen.sessions[listener] = (session, trio.current_time() + lifetime)
 
     def _close(self, sock: socket.socket, abort: bool) -> None:
         if abort:

@@ -26,7 +26,7 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
 from proxy import policy
-from proxy.identity import CLIENT, SERVER, NotSvid, SpiffeId, svid_id
+from proxy.identity import NotSvid, SpiffeId, svid_id
 
 MAX_CHAIN_DEPTH = 4
 # AES-128-GCM first: the same AEAD strength class as the others here, and measurably cheaper per byte.
@@ -52,7 +52,10 @@ class PeerCheck:
     ``authorize`` is the listener's policy as it was when the connection was accepted.
     """
 
-    __slots__ = ("role", "authorize", "revoked_serials", "audit", "failure", "peer_id", "decision", "serial", "not_after")
+    __slots__ = (
+        "role", "authorize", "revoked_serials", "audit", "failure", "peer_id", "decision", "serial", "not_after",
+        "resumed",
+    )
 
     def __init__(
         self,
@@ -70,6 +73,16 @@ class PeerCheck:
         self.decision: policy.Decision | None = None
         self.serial: int | None = None
         self.not_after: datetime | None = None
+        self.resumed = False
+
+    def check_resumed(self, cert: x509.Certificate, now: datetime) -> bool:
+        """A resumed session skipped the certificate exchange: check its stored peer certificate again."""
+        if now >= cert.not_valid_after_utc:
+            return self.fail(policy.EXPIRED, "peer certificate has expired")
+        if now < cert.not_valid_before_utc:
+            return self.fail(policy.NOT_YET_VALID, "peer certificate is not yet valid")
+        self.resumed = True
+        return self.check_leaf(cert)
 
     def fail(self, reason: str, detail: str) -> bool:
         if self.failure is None:
@@ -151,11 +164,11 @@ class TlsContexts:
     client: SSL.Context
 
 
-def _base_context(creds, verify_mode: int) -> SSL.Context:
+def _base_context(creds, verify_mode: int, *, tickets: bool = False) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
-    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | (0 if tickets else SSL.OP_NO_TICKET))
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
@@ -172,14 +185,26 @@ def _base_context(creds, verify_mode: int) -> SSL.Context:
     return ctx
 
 
-def build_contexts(creds) -> TlsContexts:
-    """Server context (client certificate required) and client context from loaded credentials."""
-    server = _base_context(creds, SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+def session_lifetime(creds, configured: float, now: datetime) -> int:
+    """Seconds a resumable session may live: never past our own certificate's expiry."""
+    remaining = (creds.not_after - now).total_seconds()
+    return max(0, int(min(configured, remaining)))
+
+
+def build_contexts(creds, resumption_lifetime: int = 0) -> TlsContexts:
+    """Server context (client certificate required) and client context from loaded credentials.
+
+    ``resumption_lifetime`` > 0 lets the server issue TLS 1.3 session tickets valid that long.
+    The tickets are sealed with a key OpenSSL generates for this context alone, so building new
+    contexts (every reload: new certificate, bundle, CRL or policy) invalidates every ticket
+    issued before. A resumed peer skips the certificate exchange, so the handshake code checks
+    the certificate stored in the session again (``PeerCheck.check_resumed``).
+    """
+    server = _base_context(
+        creds, SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, tickets=resumption_lifetime > 0
+    )
     server.set_session_id(b"mtls-sidecar")
-    client = _base_context(creds, SSL.VERIFY_PEER)
+    if resumption_lifetime > 0:
+        server.set_timeout(resumption_lifetime)
+    client = _base_context(creds, SSL.VERIFY_PEER, tickets=resumption_lifetime > 0)
     return TlsContexts(server=server, client=client)
-
-
-def peer_role_for(server_side: bool) -> str:
-    """The role the *peer* plays: our server side authenticates clients, and vice versa."""
-    return CLIENT if server_side else SERVER

@@ -1,0 +1,86 @@
+"""TLS 1.3 session resumption between our sidecars: faster, and never a way around a check."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import pytest
+
+from harness import TD, App, Sidecar, echo_through, identity_yaml, issue, run_ca, wait_until
+from test_sidecar_e2e import API, FRONTEND, denial_for
+
+RESUME = "tls: {session_resumption: true, session_lifetime: 10m}\n"
+
+
+@pytest.fixture(scope="module")
+def ids(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume-pki")
+    ca_dir = root / "ca"
+    run_ca(ca_dir, "init", "--trust-domain", TD)
+    return {name: issue(ca_dir, root / name, f"spiffe://{TD}/ns/prod/sa/{name}") for name in ("api", "frontend")}
+
+
+def inbound(ids, app_port, allow_b=("spiffe://example.org/ns/other/*",)):
+    return identity_yaml(ids["api"]) + (
+        f"inbound:\n  - name: a\n    listen: 127.0.0.1:0\n    forward: 127.0.0.1:{app_port}\n    allow: [{FRONTEND}]\n"
+        f"  - name: b\n    listen: 127.0.0.1:0\n    forward: 127.0.0.1:{app_port}\n    allow: [{', '.join(allow_b)}]\n"
+        + RESUME
+    )
+
+
+def resumed_allowed(side) -> int:
+    return side.count(lambda e: e["event"] == "conn_allowed" and "resumed TLS session" in (e.get("detail") or ""))
+
+
+def test_sidecars_resume_sessions_and_a_reload_forces_a_full_handshake(ids, tmp_path):
+    app = App()
+    api = Sidecar(tmp_path, "api", inbound(ids, app.port)).wait_ready()
+    web = Sidecar(tmp_path, "web", identity_yaml(ids["frontend"]) + (
+        f"outbound:\n  - name: api\n    listen: 127.0.0.1:0\n    connect: 127.0.0.1:{api.ports['a']}\n"
+        f"    expect: [{API}]\n" + RESUME)).wait_ready()
+    try:
+        for i in range(5):
+            assert echo_through(web.ports["api"], b"call %d" % i) == b"call %d" % i
+        wait_until(lambda: api.count(lambda e: e["event"] == "conn_allowed") == 5, what="five decisions")
+        assert resumed_allowed(api) == 4  # the first connection is a full handshake, the rest resume
+        assert resumed_allowed(web) == 4
+        api.config_path.write_text(api.config_path.read_text() + "\n")  # any reload invalidates tickets
+        api.wait_event(lambda e: e["event"] == "reloaded")
+        assert echo_through(web.ports["api"], b"after reload") == b"after reload"
+        wait_until(lambda: api.count(lambda e: e["event"] == "conn_allowed") == 6, what="sixth decision")
+        assert resumed_allowed(api) == 4
+    finally:
+        web.stop()
+        api.stop()
+        app.close()
+
+
+def test_policy_is_checked_again_on_a_resumed_connection(ids, tmp_path):
+    """A ticket from port a (which allows frontend) presented on port b (which does not) is refused."""
+    app = App()
+    api = Sidecar(tmp_path, "api", inbound(ids, app.port)).wait_ready()
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.load_cert_chain(ids["frontend"] / "cert.pem", ids["frontend"] / "key.pem")
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", api.ports["a"]), timeout=10)) as first:
+            first.sendall(b"hello")
+            assert first.recv(10) == b"hello"  # tickets arrive before the echo
+            session = first.session
+        raw = socket.create_connection(("127.0.0.1", api.ports["b"]), timeout=10)
+        local_port = raw.getsockname()[1]
+        try:
+            with ctx.wrap_socket(raw, session=session) as second:
+                assert second.session_reused
+                second.sendall(b"sneak in")
+                assert second.recv(10) == b""
+        except OSError:
+            pass
+        event = denial_for(api, local_port)
+        assert event["reason"] == "identity_not_allowed"
+        assert event["detail"].startswith("resumed session: port b allows")
+    finally:
+        api.stop()
+        app.close()
