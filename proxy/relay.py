@@ -49,18 +49,25 @@ class Reset(Exception):
         self.detail = detail
 
 
+class Idle(Exception):
+    """Nothing moved either way for the idle timeout."""
+
+
 class Link:
-    """Byte counts and activity of one relayed connection.
+    """Byte counts, activity and outcome of one relayed connection.
 
     ``bytes_in`` flows from the TLS peer to the plaintext side, ``bytes_out`` the other way.
+    ``failure`` is the first Reset or Idle that ended the relay, if any.
     """
 
-    __slots__ = ("bytes_in", "bytes_out", "last_activity")
+    __slots__ = ("bytes_in", "bytes_out", "last_activity", "idle_timeout", "failure")
 
-    def __init__(self) -> None:
+    def __init__(self, idle_timeout: float = float("inf")) -> None:
         self.bytes_in = 0
         self.bytes_out = 0
         self.last_activity = trio.current_time()
+        self.idle_timeout = idle_timeout
+        self.failure: Reset | Idle | None = None
 
 
 def abort_socket(sock: socket.socket) -> None:
@@ -71,7 +78,7 @@ def abort_socket(sock: socket.socket) -> None:
         pass
 
 
-async def send_plain(sock: socket.socket, view: memoryview) -> None:
+async def send_plain(sock: socket.socket, view: memoryview, link: Link) -> None:
     """Write all of ``view`` (which may point into the scratch buffer) to a plaintext socket."""
     try:
         sent = sock.send(view)
@@ -83,7 +90,7 @@ async def send_plain(sock: socket.socket, view: memoryview) -> None:
         return
     rest = bytes(view[sent:])  # leave the shared scratch buffer before awaiting
     while rest:
-        await trio.lowlevel.wait_writable(sock)
+        await _wait(trio.lowlevel.wait_writable, sock, link)
         try:
             sent = sock.send(rest)
         except BlockingIOError:
@@ -93,7 +100,7 @@ async def send_plain(sock: socket.socket, view: memoryview) -> None:
         rest = rest[sent:]
 
 
-async def _send_tls(tls: TlsSocket, view: memoryview) -> None:
+async def _send_tls(tls: TlsSocket, view: memoryview, link: Link) -> None:
     """Encrypt and write all of ``view`` to the TLS peer."""
     conn = tls.conn
     data: memoryview | bytes = view
@@ -103,12 +110,12 @@ async def _send_tls(tls: TlsSocket, view: memoryview) -> None:
         except SSL.WantWriteError:
             if data is view:
                 data = bytes(view)  # OpenSSL allows a moved buffer with the same content
-            await trio.lowlevel.wait_writable(tls.sock)
+            await _wait(trio.lowlevel.wait_writable, tls.sock, link)
             continue
         except SSL.WantReadError:
             if data is view:
                 data = bytes(view)
-            await trio.lowlevel.wait_readable(tls.sock)
+            await _wait(trio.lowlevel.wait_readable, tls.sock, link)
             continue
         except (SSL.Error, OSError) as exc:
             raise Reset("tls", ssl_error_text(exc)) from None
@@ -123,61 +130,83 @@ def _tls_read(conn: SSL.Connection, offset: int) -> int:
     return result
 
 
-async def _pump_tls_to_plain(tls: TlsSocket, plain: socket.socket, link: Link) -> None:
+async def _wait(wait, sock: socket.socket, link: Link) -> None:
+    """``wait`` (wait_readable/wait_writable) on ``sock``; raise Idle once nothing moved for the idle timeout.
+
+    The deadline is per wait rather than a watchdog task per connection: an idle connection then
+    costs two suspended pumps and nothing else.
+    """
+    while True:
+        with trio.move_on_at(link.last_activity + link.idle_timeout):
+            await wait(sock)
+            return
+        if trio.current_time() >= link.last_activity + link.idle_timeout:
+            raise Idle()
+
+
+async def _pump_tls_to_plain(tls: TlsSocket, plain: socket.socket, link: Link, scope: trio.CancelScope) -> None:
     conn = tls.conn
-    while True:
-        filled = 0
-        eof = False
-        try:
-            while filled < SCRATCH_SIZE:
-                filled += _tls_read(conn, filled)
-                if not conn.pending() and filled >= SCRATCH_SIZE // 2:
-                    break
-        except SSL.WantReadError:
-            pass
-        except SSL.ZeroReturnError:
-            eof = True
-        except SSL.WantWriteError:  # a TLS 1.3 KeyUpdate reply is waiting to go out
-            if not filled:
-                await trio.lowlevel.wait_writable(tls.sock)
-                continue
-        except SSL.SysCallError as exc:
-            raise Reset("tls", ssl_error_text(exc) + " (no close_notify)") from None
-        except SSL.Error as exc:
-            alert = alert_from_error(exc)
-            raise Reset("tls", f"remote sent alert {alert}" if alert else ssl_error_text(exc)) from None
-        if filled:
-            link.bytes_in += filled
-            link.last_activity = trio.current_time()
-            await send_plain(plain, _scratch_view[:filled])
-        if eof:
+    try:
+        while True:
+            filled = 0
+            eof = False
             try:
-                plain.shutdown(socket.SHUT_WR)
-            except OSError:
+                while filled < SCRATCH_SIZE:
+                    filled += _tls_read(conn, filled)
+                    if not conn.pending() and filled >= SCRATCH_SIZE // 2:
+                        break
+            except SSL.WantReadError:
                 pass
-            return
-        if filled:
+            except SSL.ZeroReturnError:
+                eof = True
+            except SSL.WantWriteError:  # a TLS 1.3 KeyUpdate reply is waiting to go out
+                if not filled:
+                    await _wait(trio.lowlevel.wait_writable, tls.sock, link)
+                    continue
+            except SSL.SysCallError as exc:
+                raise Reset("tls", ssl_error_text(exc) + " (no close_notify)") from None
+            except SSL.Error as exc:
+                alert = alert_from_error(exc)
+                raise Reset("tls", f"remote sent alert {alert}" if alert else ssl_error_text(exc)) from None
+            if filled:
+                link.bytes_in += filled
+                link.last_activity = trio.current_time()
+                await send_plain(plain, _scratch_view[:filled], link)
+            if eof:
+                try:
+                    plain.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return
+            if filled:
+                await trio.lowlevel.checkpoint()
+            else:
+                await _wait(trio.lowlevel.wait_readable, tls.sock, link)
+    except (Reset, Idle) as exc:
+        link.failure = link.failure or exc
+        scope.cancel()
+
+
+async def _pump_plain_to_tls(plain: socket.socket, tls: TlsSocket, link: Link, scope: trio.CancelScope) -> None:
+    try:
+        while True:
+            try:
+                n = plain.recv_into(_scratch)
+            except BlockingIOError:
+                await _wait(trio.lowlevel.wait_readable, plain, link)
+                continue
+            except OSError as exc:
+                raise Reset("plain", exc.strerror or str(exc)) from None
+            if n == 0:
+                send_close_notify(tls)
+                return
+            link.bytes_out += n
+            link.last_activity = trio.current_time()
+            await _send_tls(tls, _scratch_view[:n], link)
             await trio.lowlevel.checkpoint()
-        else:
-            await trio.lowlevel.wait_readable(tls.sock)
-
-
-async def _pump_plain_to_tls(plain: socket.socket, tls: TlsSocket, link: Link) -> None:
-    while True:
-        try:
-            n = plain.recv_into(_scratch)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(plain)
-            continue
-        except OSError as exc:
-            raise Reset("plain", exc.strerror or str(exc)) from None
-        if n == 0:
-            send_close_notify(tls)
-            return
-        link.bytes_out += n
-        link.last_activity = trio.current_time()
-        await _send_tls(tls, _scratch_view[:n])
-        await trio.lowlevel.checkpoint()
+    except (Reset, Idle) as exc:
+        link.failure = link.failure or exc
+        scope.cancel()
 
 
 def send_close_notify(tls: TlsSocket) -> None:
@@ -192,45 +221,16 @@ def send_close_notify(tls: TlsSocket) -> None:
         pass
 
 
-async def _idle_watchdog(link: Link, idle: float, scope: trio.CancelScope, on_idle) -> None:
-    while True:
-        deadline = link.last_activity + idle
-        if trio.current_time() >= deadline:
-            on_idle()
-            scope.cancel()
-            return
-        await trio.sleep_until(deadline)
-
-
-async def _guarded(pump, args, failures: list, scope: trio.CancelScope) -> None:
-    try:
-        await pump(*args)
-    except Reset as exc:
-        failures.append(exc)
-        scope.cancel()
-
-
-async def relay(tls: TlsSocket, plain: socket.socket, link: Link, idle_timeout: float) -> str | None:
+async def relay(tls: TlsSocket, plain: socket.socket, link: Link) -> str | None:
     """Copy both ways until both directions have ended.
 
-    Returns None on a clean end, "idle_timeout" when the connection was idle too long.
+    Returns None on a clean end, "idle_timeout" when nothing moved for ``link.idle_timeout``.
     Raises Reset when either side broke; the caller then aborts both sockets.
     Cancellation from outside (drain deadline, policy revoked) propagates.
     """
-    timed_out = False
-    failures: list[Reset] = []
-
-    def mark_idle() -> None:
-        nonlocal timed_out
-        timed_out = True
-
-    async with trio.open_nursery() as nursery:
-        async with trio.open_nursery() as pumps:
-            scope = pumps.cancel_scope
-            pumps.start_soon(_guarded, _pump_tls_to_plain, (tls, plain, link), failures, scope)
-            pumps.start_soon(_guarded, _pump_plain_to_tls, (plain, tls, link), failures, scope)
-            nursery.start_soon(_idle_watchdog, link, idle_timeout, scope, mark_idle)
-        nursery.cancel_scope.cancel()
-    if failures:
-        raise failures[0]
-    return "idle_timeout" if timed_out else None
+    async with trio.open_nursery() as pumps:
+        pumps.start_soon(_pump_tls_to_plain, tls, plain, link, pumps.cancel_scope)
+        pumps.start_soon(_pump_plain_to_tls, plain, tls, link, pumps.cancel_scope)
+    if isinstance(link.failure, Reset):
+        raise link.failure
+    return "idle_timeout" if isinstance(link.failure, Idle) else None

@@ -41,7 +41,7 @@ from proxy.identity import CLIENT, SERVER, SpiffeId
 from proxy.metrics import Metrics
 from proxy.netutil import bound_address, close_socket, connect, listen_socket
 from proxy.proxy_protocol import v2_header
-from proxy.relay import Link, Reset, abort_socket, relay, send_plain
+from proxy.relay import Idle, Link, Reset, abort_socket, relay, send_plain
 from proxy.tls import PeerCheck, TlsContexts, build_contexts, session_lifetime
 
 INBOUND = "inbound"
@@ -359,9 +359,10 @@ class Sidecar:
                 if lst.proxy_protocol:
                     header = v2_header(addr, sock.getsockname(), str(check.peer_id))
                     try:
-                        await send_plain(plain, memoryview(header))
-                    except Reset as exc:
-                        self._closed(tracked, peer_addr, Link(), started, "reset", f"app side: {exc.detail}")
+                        await send_plain(plain, memoryview(header), Link(gen.config.timeouts.connect))
+                    except (Reset, Idle) as exc:
+                        detail = f"app side: {exc.detail}" if isinstance(exc, Reset) else "app took no PROXY header"
+                        self._closed(tracked, peer_addr, Link(), started, "reset", detail)
                         abort = True
                         return
                 await self._relay(tracked, tls, plain, peer_addr, started, gen)
@@ -416,10 +417,10 @@ class Sidecar:
             self._finish(tracked)
 
     async def _relay(self, tracked, tls, plain, peer_addr, started, gen) -> None:
-        link = Link()
+        link = Link(gen.config.timeouts.idle)
         reason = detail = None
         try:
-            reason = await relay(tls, plain, link, gen.config.timeouts.idle)
+            reason = await relay(tls, plain, link)
             if reason == policy.IDLE_TIMEOUT:
                 detail = f"no bytes either way for {gen.config.timeouts.idle:g}s"
         except Reset as exc:
