@@ -54,6 +54,8 @@ def _check_characters(value: str) -> None:
     for ch in value:
         if ord(ch) < 0x20 or ord(ch) == 0x7F:
             raise InvalidSpiffeId(value, f"contains control character {ch!r}")
+        if 0xD800 <= ord(ch) <= 0xDFFF:  # what bytes that are not UTF-8 become in argv (PEP 383)
+            raise InvalidSpiffeId(value, "is not UTF-8 text (it contains a lone surrogate)")
     if len(value.encode("utf-8")) > MAX_ID_BYTES:
         raise InvalidSpiffeId(value, f"longer than {MAX_ID_BYTES} bytes")
 
