@@ -32,7 +32,7 @@ PublicKey = Union[
 
 KEY_TYPES = ("ec-p256", "ed25519", "rsa-3072")
 DEFAULT_KEY_TYPE = "ec-p256"
-CLOCK_SKEW = timedelta(minutes=1)  # not_before is backdated by this much
+CLOCK_SKEW = timedelta(minutes=1)  # not_before is backdated by this much (leaves: at most a tenth of their TTL)
 CRL_LIFETIME = timedelta(hours=24)  # next_update of every CRL we sign
 # RFC 5280 reasons that make sense for a workload certificate (no CA compromise, no hold).
 REVOCATION_REASONS = (
@@ -153,11 +153,17 @@ def _signature_hash(key: PrivateKey) -> hashes.HashAlgorithm | None:
     return hashes.SHA256()
 
 
-def _ca_name(trust_domain: str, role: str) -> x509.Name:
+def _ca_name(trust_domain: str, role: str, generation: int = 1) -> x509.Name:
+    """``O=TD, CN=mtls-sidecar root CA``; after ``ca rotate``, ``... root CA 2``, ``... root CA 3``.
+
+    Each generation gets its own names so that a CRL, an ``issuer`` field or an error message says
+    which generation it belongs to (and OpenSSL never has to pick between two CAs of the same name).
+    """
+    suffix = "" if generation == 1 else f" {generation}"
     return x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"mtls-sidecar {role}"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"mtls-sidecar {role}{suffix}"),
         ]
     )
 
@@ -166,9 +172,14 @@ def _ski(cert: x509.Certificate) -> x509.SubjectKeyIdentifier:
     return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
 
 
-def make_root(trust_domain: str, key: PrivateKey, *, ttl: timedelta, now: datetime) -> x509.Certificate:
-    """A self-signed root for ``trust_domain``, valid from ``now`` (minus clock skew) for ``ttl``."""
-    name = _ca_name(trust_domain, "root CA")
+def make_root(
+    trust_domain: str, key: PrivateKey, *, ttl: timedelta, now: datetime, generation: int = 1
+) -> x509.Certificate:
+    """A self-signed root for ``trust_domain``, valid from ``now`` (minus clock skew) for ``ttl``.
+
+    ``generation`` counts rotations (``ca rotate``): 1 for the root made by ``ca init``.
+    """
+    name = _ca_name(trust_domain, "root CA", generation)
     return (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -192,6 +203,7 @@ def make_intermediate(
     root_key: PrivateKey,
     ttl: timedelta,
     now: datetime,
+    generation: int = 1,
 ) -> x509.Certificate:
     """The online CA: ``pathlen:0``, and a URI name constraint so it can only name IDs in ``trust_domain``."""
     not_after = now + ttl
@@ -202,7 +214,7 @@ def make_intermediate(
         )
     return (
         x509.CertificateBuilder()
-        .subject_name(_ca_name(trust_domain, "intermediate CA"))
+        .subject_name(_ca_name(trust_domain, "intermediate CA", generation))
         .issuer_name(root.subject)
         .public_key(key.public_key())
         .serial_number(new_serial())
@@ -254,6 +266,11 @@ class Issuer:
         Raises InvalidSpiffeId for an invalid ID or one outside the trust domain, Refused when the
         leaf would outlive the intermediate (it is never silently shortened), InputError for a DNS
         name or key the X.509-SVID profile does not accept.
+
+        ``not_before`` is backdated for clock skew by ``CLOCK_SKEW``, or by a tenth of ``ttl`` when
+        that is less: a 10-second certificate backdated a whole minute would have most of its
+        validity in the past, and a renewer computing "2/3 of the lifetime" from ``not_before``
+        would find it due before it was issued.
         """
         parsed = parse_spiffe_id(spiffe_id, require_path=True)
         if parsed.trust_domain != self.trust_domain:
@@ -279,7 +296,7 @@ class Issuer:
             .issuer_name(self.cert.subject)
             .public_key(public_key)
             .serial_number(serial if serial is not None else new_serial())
-            .not_valid_before(max(now - CLOCK_SKEW, self.cert.not_valid_before_utc))
+            .not_valid_before(max(now - min(CLOCK_SKEW, ttl / 10), self.cert.not_valid_before_utc))
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_LEAF_KEY_USAGE, critical=True)

@@ -14,12 +14,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Sequence
 
-from cryptography.hazmat.primitives import serialization
 
 from ca import operations
 from ca.authority import DEFAULT_KEY_TYPE, KEY_TYPES, REVOCATION_REASONS, format_serial, format_time
 from ca.errors import CaError, InputError
-from ca.store import BUNDLE, INTERMEDIATE_CERT, ROOT_CERT, StateDir, write_file_atomically
+from ca.store import BUNDLE, CRL, INTERMEDIATE_CERT, ROOT_CERT, StateDir, write_file_atomically
 from ca.verify import CrlError, VerifyError, verify_svid_chain
 from proxy.durations import parse_duration
 from proxy.identity import InvalidSpiffeId, parse_pattern
@@ -117,6 +116,47 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub = command("bundle", _bundle, "print or write the trust bundle (the root certificates)")
     sub.add_argument("--out", type=Path, metavar="FILE", help="write it here instead of stdout")
+    sub.add_argument(
+        "--drop-old",
+        action="store_true",
+        help="after 'ca rotate': remove every root but the current one from DIR/bundle.pem (and their CRLs "
+        "from DIR/crl.pem); refused (exit 1, listing them) while unexpired, unrevoked certificates still "
+        "chain to such a root",
+    )
+    sub.add_argument("--force", action="store_true", help="with --drop-old: drop even if certificates still chain")
+
+    sub = command(
+        "rotate",
+        _rotate,
+        "make a new root and intermediate; bundle.pem then holds the old and the new root, new leaves "
+        "come from the new intermediate, the old one keeps signing CRLs for its leaves",
+    )
+    sub.add_argument(
+        "--key-type", choices=KEY_TYPES, default=None, help="(default: the current generation's)"
+    )
+    sub.add_argument("--root-ttl", type=_duration, default=None, help="(default: the current root's lifetime)")
+    sub.add_argument("--ttl", type=_duration, default=None, help="(default: the current intermediate's lifetime)")
+
+    sub = command("token", _token, "print a one-time enrollment token for 'proxy enroll' (only its hash is kept)")
+    sub.add_argument("spiffe_id", metavar="SPIFFE_ID", help="the ID the enrolled workload will get")
+    sub.add_argument("--ttl", type=_duration, default="10m", help="how long the token works (default: %(default)s)")
+    sub.add_argument(
+        "--cert-ttl", type=_duration, default="24h",
+        help="lifetime of the certificate it buys (default: %(default)s); renewals keep it",
+    )
+    sub.add_argument("--json", action="store_true", help="print a JSON object (token, spiffe_id, expires)")
+
+    sub = command(
+        "serve",
+        _serve,
+        "HTTPS service (TLS 1.3): POST /v1/renew (mTLS, the current certificate) and POST /v1/enroll "
+        "(a token from 'ca token'); one JSON log line per request on stderr; SIGTERM stops it",
+    )
+    sub.add_argument("--listen", required=True, metavar="HOST:PORT", help="e.g. 0.0.0.0:8443 (port 0: any)")
+    sub.add_argument(
+        "--dns", action="append", default=[], metavar="NAME",
+        help="DNS name for the service's certificate, besides its ID spiffe://TD/ca (repeatable)",
+    )
 
     sub = command(
         "inspect", _inspect, "show a certificate's ID, serial, issuer, validity, key and fingerprint", state=False
@@ -312,17 +352,27 @@ def _revoke(args: argparse.Namespace, now: datetime) -> int:
 def _crl(args: argparse.Namespace, now: datetime) -> int:
     state = StateDir.open(_state_path(args))
     crl = operations.refresh_crl(state, now=now, passphrase=_passphrase(args))
-    pem = crl.public_bytes(serialization.Encoding.PEM)
+    pem = state.file(CRL).read_bytes()  # one CRL, or one per live generation after a rotation
     if args.out is None:
         sys.stdout.write(pem.decode("ascii"))
         return 0
     _write_output(args.out, pem)
-    print(f"wrote {args.out}: {len(crl)} revoked, next update {format_time(crl.next_update_utc)}")
+    crls = operations.read_crls(state.file(CRL))
+    counts = ", ".join(f"{len(one)} revoked by '{one.issuer.rfc4514_string()}'" for one in crls)
+    if len(crls) == 1:
+        counts = f"{len(crl)} revoked"
+    print(f"wrote {args.out}: {counts}, next update {format_time(crl.next_update_utc)}")
     return 0
 
 
 def _bundle(args: argparse.Namespace, now: datetime) -> int:
     state = StateDir.open(_state_path(args))
+    if args.force and not args.drop_old:
+        raise InputError("--force only goes with --drop-old")
+    if args.drop_old:
+        _drop_old(state, args, now)
+        if args.out is None:
+            return 0
     pem = state.file(BUNDLE).read_bytes()
     if args.out is None:
         sys.stdout.write(pem.decode("ascii"))
@@ -330,6 +380,78 @@ def _bundle(args: argparse.Namespace, now: datetime) -> int:
     _write_output(args.out, pem)
     print(f"wrote {args.out}")
     return 0
+
+
+def _drop_old(state: StateDir, args: argparse.Namespace, now: datetime) -> None:
+    def show(blockers, verb: str) -> None:
+        for blocker in blockers:
+            record = blocker.record
+            print(
+                f"{verb} {format_serial(record.serial)}  {record.spiffe_id}  expires {format_time(record.not_after)}"
+                f"  (chains to '{blocker.root.subject.rfc4514_string()}')"
+            )
+
+    try:
+        result = operations.drop_old_roots(state, now=now, force=args.force, passphrase=_passphrase(args))
+    except operations.DropRefused as exc:
+        show(exc.blockers, "still valid:")
+        raise
+    if not result.dropped:
+        print(f"nothing to drop: {state.file(BUNDLE)} holds only the current root")
+        return
+    show(result.forced_past, "forced past:")
+    for root in result.dropped:
+        print(f"dropped root '{root.subject.rfc4514_string()}' from {state.file(BUNDLE)}")
+    print(f"bundle now holds {len(result.kept)} root(s); hand it to every sidecar")
+
+
+def _rotate(args: argparse.Namespace, now: datetime) -> int:
+    rotated = operations.rotate(
+        StateDir.open(_state_path(args)),
+        now=now,
+        passphrase=_passphrase(args),
+        key_type=args.key_type,
+        root_ttl=args.root_ttl,
+        ttl=args.ttl,
+    )
+    new, old = rotated.new, rotated.old
+    print(f"rotated: generation {new.number} is current, generation {old.number} stays trusted")
+    root_expires = format_time(new.root.not_valid_after_utc)
+    print(f"  new root          '{new.root.subject.rfc4514_string()}' (expires {root_expires})")
+    print(
+        f"  new intermediate  '{new.intermediate.subject.rfc4514_string()}' "
+        f"(expires {format_time(new.intermediate.not_valid_after_utc)}): signs every new certificate"
+    )
+    print(f"  old generation    {rotated.archive}  (its intermediate still signs CRLs for its leaves)")
+    print(f"  trust bundle      {new.directory / BUNDLE}  ({len(rotated.bundle)} roots: old and new)")
+    print("next: hand the bundle to every sidecar, re-issue each workload, then 'ca bundle --drop-old'")
+    return 0
+
+
+def _token(args: argparse.Namespace, now: datetime) -> int:
+    issued = operations.create_token(
+        StateDir.open(_state_path(args)), args.spiffe_id, ttl=args.ttl, cert_ttl=args.cert_ttl, now=now
+    )
+    if args.json:
+        _print_json(
+            {
+                "token": issued.token,
+                "spiffe_id": str(issued.spiffe_id),
+                "expires": format_time(issued.expires_at),
+                "cert_ttl_s": int(issued.cert_ttl.total_seconds()),
+            }
+        )
+        return 0
+    print(issued.token)
+    return 0
+
+
+def _serve(args: argparse.Namespace, now: datetime) -> int:
+    from ca.serve import serve_main
+
+    return serve_main(
+        StateDir.open(_state_path(args)), listen=args.listen, dns_names=args.dns, passphrase=_passphrase(args)
+    )
 
 
 def _inspect(args: argparse.Namespace, now: datetime) -> int:

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 
 class CaError(Exception):
-    """A failure to report as one line, ``ca: <message>``, and exit with ``exit_code``."""
+    """A failure to report as one line, ``ca: <message>``, and exit with ``exit_code``.
+
+    ``code`` is a short machine-readable reason, for the JSON errors of ``ca serve``.
+    """
 
     exit_code = 1
+    default_code = "refused"
+
+    def __init__(self, message: str, *, code: str | None = None):
+        super().__init__(message)
+        self.code = code or self.default_code
 
 
 class Refused(CaError):
@@ -19,3 +27,4 @@ class InputError(CaError):
     """Bad input: usage, a missing or damaged file, a wrong passphrase, an invalid ID or duration."""
 
     exit_code = 2
+    default_code = "bad_request"

@@ -10,16 +10,18 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Sequence
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from ca.authority import (
+    CLOCK_SKEW,
     Issuer,
     certificate_pem,
     format_serial,
@@ -34,17 +36,32 @@ from ca.authority import (
 from ca.errors import CaError, InputError, Refused
 from ca.store import (
     BUNDLE,
+    CA_FILES,
     CRL,
+    GENERATIONS,
     INTERMEDIATE_CERT,
     INTERMEDIATE_KEY,
     KEY_MODE,
+    PUBLIC_MODE,
+    ROOT_CERT,
+    ROOT_KEY,
     VALID,
+    CaGeneration,
     Record,
     StateDir,
     write_file_atomically,
 )
+from ca.verify import VerifyError, verify_svid_chain
 from proxy.durations import format_duration
-from proxy.identity import InvalidSpiffeId, NotSvid, SpiffeId, parse_spiffe_id, svid_id, validate_trust_domain
+from proxy.identity import (
+    CLIENT,
+    InvalidSpiffeId,
+    NotSvid,
+    SpiffeId,
+    parse_spiffe_id,
+    svid_id,
+    validate_trust_domain,
+)
 
 _HEX = re.compile(r"[0-9a-f]+")
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
@@ -97,13 +114,16 @@ def init_ca(
     return state
 
 
-def load_issuer(state: StateDir, passphrase: bytes | None) -> Issuer:
-    """The intermediate and its key, checked to belong together."""
-    cert = state.load_certificate(INTERMEDIATE_CERT)
-    key = state.load_private_key(INTERMEDIATE_KEY, passphrase)
+def load_issuer(state: StateDir, passphrase: bytes | None, generation: CaGeneration | None = None) -> Issuer:
+    """The intermediate (the current one, or that of ``generation``) and its key, checked to belong together."""
+    where = Path(".") if generation is None or generation.current else generation.directory.relative_to(state.path)
+    cert = state.load_certificate(where / INTERMEDIATE_CERT)
+    key = state.load_private_key(where / INTERMEDIATE_KEY, passphrase)
     raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(*raw) != cert.public_key().public_bytes(*raw):
-        raise InputError(f"{state.file(INTERMEDIATE_KEY)} is not the key of {state.file(INTERMEDIATE_CERT)}")
+        raise InputError(
+            f"{state.file(where / INTERMEDIATE_KEY)} is not the key of {state.file(where / INTERMEDIATE_CERT)}"
+        )
     return Issuer(cert, key, state.trust_domain)
 
 
@@ -137,19 +157,25 @@ def default_out_dir(spiffe_id: SpiffeId) -> Path:
 
 def read_csr(path: Path) -> x509.CertificateSigningRequest:
     """Load a PEM (or DER) CSR whose signature proves possession of its key."""
-    data = _read(path, "CSR")
+    return parse_csr(_read(path, "CSR"), str(path))
+
+
+def parse_csr(data: bytes, what: str = "the CSR") -> x509.CertificateSigningRequest:
+    """A PEM (or DER) CSR whose signature proves possession of its key; InputError (code bad_csr) if not."""
     try:
         csr = (
             x509.load_pem_x509_csr(data) if b"-----BEGIN" in data else x509.load_der_x509_csr(data)
         )
     except ValueError:
-        raise InputError(f"{path} is not a certificate signing request") from None
+        raise InputError(f"{what} is not a certificate signing request", code="bad_csr") from None
     try:
         valid = csr.is_signature_valid
     except (UnsupportedAlgorithm, TypeError, ValueError) as exc:
-        raise InputError(f"cannot check the signature of CSR {path}: {exc}") from None
+        raise InputError(f"cannot check the signature of CSR {what}: {exc}", code="bad_csr") from None
     if not valid:
-        raise InputError(f"CSR {path} has a bad signature: it was not signed by the key it carries")
+        raise InputError(
+            f"CSR {what} has a bad signature: it was not signed by the key it carries", code="bad_csr"
+        )
     return csr
 
 
@@ -189,6 +215,7 @@ def issue(
     no certificate exists that the index (and revocation) does not know about.
     """
     parsed = workload_id(spiffe_id, state.trust_domain)
+    _refuse_service_id(parsed)
     try:
         dns_names = [validate_dns_name(name) for name in dns_names]
     except ValueError as exc:
@@ -236,7 +263,346 @@ def issue(
     return issued
 
 
-# --- revoke and CRL --------------------------------------------------------------------------
+def _refuse_service_id(spiffe_id: SpiffeId) -> None:
+    if str(spiffe_id) == str(service_id(spiffe_id.trust_domain)):
+        raise Refused(
+            f"{spiffe_id} is reserved for the CA service ('ca serve'): a workload holding it could "
+            "impersonate the CA to enrolling workloads"
+        )
+
+
+def _sign_and_insert(db, sign, spiffe_id: str, *, now: datetime) -> x509.Certificate:
+    """``sign()`` until the serial is free, recording the certificate inside ``db``'s transaction."""
+    for _ in range(_SERIAL_ATTEMPTS):
+        cert = sign()
+        if StateDir.insert(db, cert, spiffe_id, now=now):
+            return cert
+    raise CaError(f"could not find a free serial number in {_SERIAL_ATTEMPTS} attempts")
+
+
+def _issue_recorded(
+    state: StateDir, issuer: Issuer, spiffe_id: str, public_key, *, ttl: timedelta, now: datetime,
+    dns_names: Sequence[str] = (),
+) -> x509.Certificate:
+    """Sign and record in one transaction (the service's path: no files are written)."""
+    with state.transaction() as db:
+        return _sign_and_insert(
+            db, lambda: issuer.issue(spiffe_id, public_key, ttl=ttl, now=now, dns_names=dns_names), spiffe_id,
+            now=now,
+        )
+
+
+# --- rotate and drop-old -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rotated:
+    old: CaGeneration
+    new: CaGeneration
+    bundle: list[x509.Certificate]  # the roots in bundle.pem now: the old ones and the new one
+    archive: Path
+
+
+def _lifetime(cert: x509.Certificate) -> timedelta:
+    """The TTL a CA certificate was made with (its validity minus the clock-skew backdating)."""
+    return max(cert.not_valid_after_utc - cert.not_valid_before_utc - CLOCK_SKEW, timedelta(seconds=1))
+
+
+def rotate(
+    state: StateDir,
+    *,
+    now: datetime,
+    passphrase: bytes | None = None,
+    key_type: str | None = None,
+    root_ttl: timedelta | None = None,
+    ttl: timedelta | None = None,
+) -> Rotated:
+    """Make generation N+1 (a new root and intermediate) current, keep generation N trusted.
+
+    Generation N's four files move to DIR/generations/N/; its root stays in bundle.pem next to the
+    new one, so sidecars holding either kind of leaf keep verifying each other while workloads are
+    re-issued one by one; its intermediate keeps signing a CRL for its leaves (crl.pem then holds
+    one CRL per live generation). New leaves are signed by the new intermediate. Lifetimes and key
+    type default to those of the current generation.
+
+    Everything is generated and checked first; the files are then written inside one index
+    transaction (which also serializes against revocations and a concurrent rotate). Should a write
+    fail half-way, the previous generation is already complete in DIR/generations/N/.
+    """
+    old_issuers = live_issuers(state, passphrase)  # refuses a wrong passphrase before anything happens
+    old_issuer = old_issuers[0]
+    old_root = state.load_certificate(ROOT_CERT)
+    key_type = key_type or state.key_type
+    root_ttl = root_ttl or _lifetime(old_root)
+    ttl = ttl or min(_lifetime(old_issuer.cert), root_ttl)
+    if ttl > root_ttl:
+        raise InputError(
+            f"--ttl {format_duration(ttl.total_seconds())} (the intermediate's lifetime) must not be longer "
+            f"than --root-ttl {format_duration(root_ttl.total_seconds())}"
+        )
+    with state.transaction() as db:
+        number = StateDir.generation_number(db)
+        trust_domain = state.trust_domain
+        root_key = generate_key(key_type)
+        root = make_root(trust_domain, root_key, ttl=root_ttl, now=now, generation=number + 1)
+        intermediate_key = generate_key(key_type)
+        intermediate = make_intermediate(
+            trust_domain, intermediate_key, root=root, root_key=root_key, ttl=ttl, now=now, generation=number + 1
+        )
+        archive = state.file(GENERATIONS) / str(number)
+        archive.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for name in CA_FILES:
+            mode = KEY_MODE if name.endswith(".key") else PUBLIC_MODE
+            write_file_atomically(archive / name, state.file(name).read_bytes(), mode=mode)
+        bundle = [cert for cert in state.bundle_roots() if cert != root] + [root]
+        pem = serialization.Encoding.PEM
+        for name, data, mode in (
+            (INTERMEDIATE_KEY, private_key_pem(intermediate_key, passphrase), KEY_MODE),
+            (ROOT_KEY, private_key_pem(root_key, passphrase), KEY_MODE),
+            (INTERMEDIATE_CERT, intermediate.public_bytes(pem), PUBLIC_MODE),
+            (ROOT_CERT, root.public_bytes(pem), PUBLIC_MODE),
+            (BUNDLE, certificate_pem(*bundle), PUBLIC_MODE),
+        ):
+            write_file_atomically(state.file(name), data, mode=mode)
+        StateDir.set_meta(db, "generation", str(number + 1))
+        StateDir.set_meta(db, "key_type", key_type)
+        write_crls(state, db, [Issuer(intermediate, intermediate_key, trust_domain), *old_issuers], now=now)
+    old = CaGeneration(number, archive, old_root, old_issuer.cert, False)
+    new = CaGeneration(number + 1, state.path, root, intermediate, True)
+    return Rotated(old, new, bundle, archive)
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """An unexpired, unrevoked certificate that still chains to a root about to be dropped."""
+
+    record: Record
+    root: x509.Certificate
+
+
+@dataclass(frozen=True)
+class Dropped:
+    dropped: list[x509.Certificate]  # roots removed from bundle.pem
+    kept: list[x509.Certificate]  # roots still in it
+    forced_past: list[Blocker]  # certificates that chain to a dropped root (only with force)
+
+
+class DropRefused(Refused):
+    """``ca bundle --drop-old`` without --force while certificates still chain to an old root."""
+
+    def __init__(self, blockers: list[Blocker]):
+        self.blockers = blockers
+        roots = sorted({blocker.root.subject.rfc4514_string() for blocker in blockers})
+        super().__init__(
+            f"refusing to drop {', '.join(repr(root) for root in roots)} from the bundle: "
+            f"{len(blockers)} unexpired, unrevoked certificate(s) still chain to it (listed on stdout); "
+            "re-issue them from the new intermediate (or revoke them), or pass --force",
+            code="certificates_still_chain",
+        )
+
+
+def _generation_of(cert: x509.Certificate, generations: Sequence[CaGeneration]) -> CaGeneration | None:
+    for generation in generations:
+        if cert.issuer == generation.intermediate.subject:
+            try:
+                cert.verify_directly_issued_by(generation.intermediate)
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+                continue
+            return generation
+    return None
+
+
+def drop_old_roots(state: StateDir, *, now: datetime, force: bool = False, passphrase: bytes | None = None) -> Dropped:
+    """Remove every root but the current one from bundle.pem, and their CRLs from crl.pem.
+
+    Refuses (DropRefused, listing them) while unexpired, unrevoked certificates of the index still
+    chain to a root being dropped: the workloads holding them would be refused by every sidecar
+    that receives the new bundle. ``force`` drops anyway and returns those certificates.
+    """
+    generations = state.generations()
+    current_root = generations[0].root
+    roots = state.bundle_roots()
+    dropped = [root for root in roots if root != current_root]
+    kept = [root for root in roots if root == current_root] or [current_root]
+    blockers = []
+    for record, cert in state.valid_certificates(now):
+        generation = _generation_of(cert, generations)
+        if generation is not None and generation.root in dropped:
+            blockers.append(Blocker(record, generation.root))
+    if not dropped:
+        return Dropped([], kept, [])
+    if blockers and not force:
+        raise DropRefused(blockers)
+    issuer = load_issuer(state, passphrase)  # the one generation left; a wrong passphrase changes nothing
+    with state.transaction() as db:
+        write_file_atomically(state.file(BUNDLE), certificate_pem(*kept))
+        write_crls(state, db, [issuer], now=now)
+    return Dropped(dropped, kept, blockers)
+
+
+# --- the CA service: its identity, renewal, enrollment tokens --------------------------------------
+
+SERVICE_PATH = "/ca"
+SERVICE_TTL = timedelta(hours=24)
+TOKEN_PREFIX = "mst1_"  # recognisable by secret scanners; "mtls-sidecar token, version 1"
+DEFAULT_ENROLL_CERT_TTL = timedelta(hours=24)
+
+
+def service_id(trust_domain: str) -> SpiffeId:
+    """The CA service's own X.509-SVID ID, ``spiffe://TD/ca``; reserved, ``ca issue`` refuses it."""
+    return parse_spiffe_id(f"spiffe://{trust_domain}{SERVICE_PATH}", require_path=True)
+
+
+def issue_service_cert(
+    state: StateDir, issuer: Issuer, public_key, *, now: datetime, dns_names: Sequence[str] = ()
+) -> x509.Certificate:
+    """The certificate ``ca serve`` presents: ``spiffe://TD/ca`` (plus ``dns_names``), recorded in the index,
+    valid for SERVICE_TTL or until the intermediate expires, whichever comes first."""
+    ttl = min(SERVICE_TTL, issuer.cert.not_valid_after_utc - now)
+    if ttl <= timedelta(0):
+        raise Refused(
+            f"the intermediate CA expired at {format_time(issuer.cert.not_valid_after_utc)}; rotate the CA",
+            code="ca_expired",
+        )
+    try:
+        dns_names = [validate_dns_name(name) for name in dns_names]
+    except ValueError as exc:
+        raise InputError(f"--dns: {exc}") from None
+    return _issue_recorded(
+        state, issuer, str(service_id(state.trust_domain)), public_key, ttl=ttl, now=now, dns_names=dns_names
+    )
+
+
+def renew(
+    state: StateDir,
+    issuer: Issuer,
+    chain: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    csr: x509.CertificateSigningRequest,
+    *,
+    now: datetime,
+) -> x509.Certificate:
+    """A new certificate for the key of ``csr`` and the SPIFFE ID of ``chain[0]``, the caller's current
+    certificate (the CSR's names are ignored).
+
+    The caller's chain must verify against ``roots`` (the bundle) and its leaf must be in the index,
+    neither revoked nor expired: passive revocation, a revoked or expired certificate cannot renew.
+    The new certificate has the lifetime the old one was issued with (capped, not refused, at the
+    intermediate's expiry) and keeps its DNS names. Raises Refused with ``code`` a reason code.
+    """
+    if not chain:
+        raise Refused("no client certificate: renewal is authenticated by the current one", code="no_client_cert")
+    leaf, *intermediates = chain
+    try:
+        verified = verify_svid_chain(leaf, intermediates, roots, now=now, role=CLIENT)
+    except VerifyError as exc:
+        raise Refused(exc.detail, code=exc.reason) from None
+    remaining = issuer.cert.not_valid_after_utc - now
+    if remaining <= timedelta(0):
+        raise Refused(
+            f"the intermediate CA expired at {format_time(issuer.cert.not_valid_after_utc)}; rotate the CA",
+            code="ca_expired",
+        )
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns_names = san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns_names = []
+    spiffe_id = str(verified.spiffe_id)
+    with state.transaction() as db:  # the index check and the new record see one state of the index
+        found = StateDir.find(db, serial=leaf.serial_number)
+        if not found or found[0].spiffe_id != spiffe_id:
+            raise Refused(
+                f"certificate serial {format_serial(leaf.serial_number)} ({spiffe_id}) is not in this CA's index",
+                code="unknown_certificate",
+            )
+        record = found[0]
+        if record.revoked_at is not None:
+            raise Refused(
+                f"certificate serial {format_serial(record.serial)} ({record.spiffe_id}) was revoked at "
+                f"{format_time(record.revoked_at)} ({record.reason}); it cannot renew: enroll anew",
+                code="revoked",
+            )
+        if now > record.not_after:
+            raise Refused(
+                f"certificate serial {format_serial(record.serial)} ({record.spiffe_id}) expired at "
+                f"{format_time(record.not_after)}; it cannot renew: enroll anew",
+                code="expired",
+            )
+        ttl = min(max(record.not_after - record.issued_at, timedelta(seconds=1)), remaining)
+        return _sign_and_insert(
+            db, lambda: issuer.issue(spiffe_id, csr.public_key(), ttl=ttl, now=now, dns_names=dns_names),
+            spiffe_id, now=now,
+        )
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str
+    spiffe_id: SpiffeId
+    expires_at: datetime
+    cert_ttl: timedelta
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def create_token(
+    state: StateDir, spiffe_id: str, *, ttl: timedelta, now: datetime,
+    cert_ttl: timedelta = DEFAULT_ENROLL_CERT_TTL,
+) -> IssuedToken:
+    """A one-time enrollment token for ``spiffe_id``, usable until ``now + ttl``; only its hash is stored."""
+    parsed = workload_id(spiffe_id, state.trust_domain)
+    _refuse_service_id(parsed)
+    if ttl <= timedelta(0) or cert_ttl <= timedelta(0):
+        raise InputError("--ttl and --cert-ttl must be longer than zero")
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)  # 256 random bits
+    with state.transaction() as db:
+        StateDir.add_token(
+            db, hash_token(token), str(parsed), cert_ttl_s=int(cert_ttl.total_seconds()), now=now,
+            expires_at=now + ttl,
+        )
+    return IssuedToken(token, parsed, now + ttl, cert_ttl)
+
+
+def enroll(
+    state: StateDir, issuer: Issuer, token: str, csr: x509.CertificateSigningRequest, *, now: datetime
+) -> tuple[x509.Certificate, str]:
+    """The first certificate of the workload a token was made for, over the key of ``csr``.
+
+    Looking the token up, checking it, signing, recording the certificate and marking the token used
+    happen in one BEGIN IMMEDIATE transaction: two requests with the same token cannot both win, and
+    a refused or failed issuance leaves the token unused. Returns (certificate, SPIFFE ID).
+    """
+    if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX) or len(token) > 256:
+        raise Refused("not an enrollment token (they start with 'mst1_'; see 'ca token')", code="invalid_token")
+    digest = hash_token(token)
+    with state.transaction() as db:
+        found = StateDir.find_token(db, digest)
+        if found is None:
+            raise Refused("unknown token: this CA did not make it (or it was made for another CA)",
+                          code="invalid_token")
+        if found.used_at is not None:
+            raise Refused(
+                f"token for {found.spiffe_id} was already used at {format_time(found.used_at)} "
+                f"(serial {found.used_serial}); tokens work once: make a new one with 'ca token'",
+                code="token_used",
+            )
+        if now > found.expires_at:
+            raise Refused(
+                f"token for {found.spiffe_id} expired at {format_time(found.expires_at)}; make a new one",
+                code="token_expired",
+            )
+        remaining = issuer.cert.not_valid_after_utc - now
+        ttl = min(timedelta(seconds=found.cert_ttl_s), remaining)
+        if ttl <= timedelta(0):
+            raise Refused("the intermediate CA has expired; rotate the CA", code="ca_expired")
+        cert = _sign_and_insert(
+            db, lambda: issuer.issue(found.spiffe_id, csr.public_key(), ttl=ttl, now=now), found.spiffe_id, now=now,
+        )
+        StateDir.mark_token_used(db, digest, at=now, serial=cert.serial_number)
+    return cert, found.spiffe_id
 
 
 @dataclass(frozen=True)
@@ -265,7 +631,7 @@ def revoke(
     by_id = "://" in target or target.lower().startswith("spiffe:")
     serial = None if by_id else parse_serial(target)
     spiffe_id = str(workload_id(target, state.trust_domain)) if by_id else None
-    issuer = load_issuer(state, passphrase)
+    issuers = live_issuers(state, passphrase)  # a wrong passphrase is refused before the index changes
     with state.transaction() as db:
         matched = StateDir.find(db, serial=serial, spiffe_id=spiffe_id)
         if not matched:
@@ -278,20 +644,48 @@ def revoke(
         untouched = [record for record in matched if record not in chosen]
         if chosen:
             StateDir.mark_revoked(db, [record.serial for record in chosen], at=now, reason=reason)
-            crl = issuer.crl(StateDir.revocations(db, now=now), number=StateDir.next_crl_number(db), now=now)
-            write_file_atomically(state.file(CRL), crl.public_bytes(serialization.Encoding.PEM))
+            write_crls(state, db, issuers, now=now)
     return Revoked(chosen, untouched, state.file(CRL))
 
 
 def refresh_crl(
     state: StateDir, *, now: datetime, passphrase: bytes | None = None
 ) -> x509.CertificateRevocationList:
-    """Sign a fresh CRL (new number, next update in 24h), store it as DIR/crl.pem and return it."""
-    issuer = load_issuer(state, passphrase)
+    """Sign fresh CRLs (new number, next update in 24h), store them as DIR/crl.pem; return the current
+    intermediate's (see ``write_crls`` for the others)."""
+    issuers = live_issuers(state, passphrase)
     with state.transaction() as db:
-        crl = issuer.crl(StateDir.revocations(db, now=now), number=StateDir.next_crl_number(db), now=now)
-        write_file_atomically(state.file(CRL), crl.public_bytes(serialization.Encoding.PEM))
-    return crl
+        return write_crls(state, db, issuers, now=now)[0]
+
+
+def live_issuers(state: StateDir, passphrase: bytes | None) -> list[Issuer]:
+    """The intermediates of every live generation (see ``ca.store``), current first, keys loaded."""
+    return [load_issuer(state, passphrase, generation) for generation in state.live_generations()]
+
+
+def write_crls(
+    state: StateDir, db, issuers: Sequence[Issuer], *, now: datetime
+) -> list[x509.CertificateRevocationList]:
+    """Sign one CRL per issuer (current first) under one new CRL number, write DIR/crl.pem; inside ``db``'s
+    transaction, so concurrent revocations produce CRL files in commit order.
+
+    With one issuer the file is that CRL alone, as before any rotation. With several (after ``ca
+    rotate``, until ``ca bundle --drop-old``), each CRL is preceded by its issuer's certificate: a
+    sidecar whose own chain goes through the other intermediate has no other way to check that CRL's
+    signature. Readers that want CRLs only (``openssl crl``, our ``read_crls``) skip the certificates.
+    """
+    number = StateDir.next_crl_number(db)
+    crls = [
+        issuer.crl(StateDir.revocations(db, now=now, issuer=issuer.cert.subject), number=number, now=now)
+        for issuer in issuers
+    ]
+    pem = serialization.Encoding.PEM
+    data = b"".join(
+        (issuer.cert.public_bytes(pem) if len(issuers) > 1 else b"") + crl.public_bytes(pem)
+        for issuer, crl in zip(issuers, crls)
+    )
+    write_file_atomically(state.file(CRL), data)
+    return crls
 
 
 # --- reading and describing certificates ---------------------------------------------------------

@@ -2,11 +2,19 @@
 
 Layout of DIR (mode 0700)::
 
-    root.pem  root.key            the root (its key is only used by init)
+    root.pem  root.key            the root (its key is only used by init and rotate)
     intermediate.pem  intermediate.key   the online CA that signs leaves and the CRL
-    bundle.pem                    the trust roots to hand to every sidecar
-    crl.pem                       the current CRL, rewritten on every revoke and by `ca crl`
-    ca.db                         SQLite: table `meta` (trust domain, key type, CRL number) and `certs`
+    bundle.pem                    the trust roots to hand to every sidecar (several after a rotation)
+    crl.pem                       the current CRL(s), rewritten on every revoke and by `ca crl`
+    ca.db                         SQLite: `meta` (trust domain, key type, CRL number, generation),
+                                  `certs` (the issued-certificate index), `tokens` (enrollment tokens)
+    generations/N/                after `ca rotate`: the four CA files of generation N, kept so that
+                                  its intermediate can still sign CRLs for the leaves it issued
+
+Generations: `ca init` makes generation 1; each `ca rotate` archives the current root and
+intermediate under generations/N/ and puts generation N+1 in their place. A generation is *live*
+while its root is still in bundle.pem (until `ca bundle --drop-old`): sidecars trust its leaves,
+so its intermediate keeps signing a CRL for them.
 
 Keys are created with mode 0600 from their first byte and appear under their final name only once
 complete (temporary file, fsync, rename or link, fsync of the directory). `ca.db` is the last file
@@ -43,6 +51,8 @@ INTERMEDIATE_CERT = "intermediate.pem"
 INTERMEDIATE_KEY = "intermediate.key"
 BUNDLE = "bundle.pem"
 CRL = "crl.pem"
+GENERATIONS = "generations"
+CA_FILES = (ROOT_CERT, ROOT_KEY, INTERMEDIATE_CERT, INTERMEDIATE_KEY)
 KEY_MODE = 0o600
 PUBLIC_MODE = 0o644
 BUSY_TIMEOUT_S = 60.0
@@ -67,6 +77,18 @@ CREATE TABLE certs (
     cert_pem   TEXT NOT NULL
 );
 CREATE INDEX certs_by_spiffe_id ON certs (spiffe_id);
+"""
+# Created by init, and on first use in an index made before tokens existed.
+_TOKENS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    token_hash  TEXT PRIMARY KEY,  -- SHA-256 of the token, hex: the token itself is never stored
+    spiffe_id   TEXT NOT NULL,
+    cert_ttl_s  INTEGER NOT NULL,  -- lifetime of the certificate the token buys
+    created_at  TEXT NOT NULL,
+    expires_at  TEXT NOT NULL,
+    used_at     TEXT,              -- set, in the same transaction that records the certificate
+    used_serial TEXT
+);
 """
 
 
@@ -112,6 +134,29 @@ def _fsync_directory(directory: Path) -> None:
 
 def _parse_time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class CaGeneration:
+    """One root and its intermediate. The current one lives in DIR itself, older ones in DIR/generations/N."""
+
+    number: int
+    directory: Path
+    root: x509.Certificate
+    intermediate: x509.Certificate
+    current: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """An enrollment token as the index knows it (never the token itself)."""
+
+    spiffe_id: str
+    cert_ttl_s: int
+    created_at: datetime
+    expires_at: datetime
+    used_at: datetime | None
+    used_serial: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +258,7 @@ class StateDir:
         try:
             with closing(sqlite3.connect(temporary, isolation_level=None)) as db:
                 db.execute("PRAGMA journal_mode=WAL")  # persistent: recorded in the file header
-                db.executescript(_SCHEMA)
+                db.executescript(_SCHEMA + _TOKENS_SCHEMA)
                 db.executemany(
                     "INSERT INTO meta (key, value) VALUES (?, ?)",
                     [("trust_domain", trust_domain), ("key_type", key_type), ("crl_number", "1")],
@@ -307,23 +352,52 @@ class StateDir:
 
     def add(self, cert: x509.Certificate, spiffe_id: str, *, now: datetime) -> bool:
         """Record an issued certificate. False if its serial is already taken (the caller picks another)."""
+        with self.transaction() as db:
+            return StateDir.insert(db, cert, spiffe_id, now=now)
+
+    @staticmethod
+    def insert(db: sqlite3.Connection, cert: x509.Certificate, spiffe_id: str, *, now: datetime) -> bool:
+        """``add`` inside the caller's transaction. False if the serial is taken; the transaction stays usable."""
         try:
-            with self.transaction() as db:
-                db.execute(
-                    "INSERT INTO certs (serial, spiffe_id, not_before, not_after, issued_at, cert_pem)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        format_serial(cert.serial_number),
-                        spiffe_id,
-                        format_time(cert.not_valid_before_utc),
-                        format_time(cert.not_valid_after_utc),
-                        format_time(now),
-                        cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
-                    ),
-                )
+            db.execute("SAVEPOINT insert_cert")
+            db.execute(
+                "INSERT INTO certs (serial, spiffe_id, not_before, not_after, issued_at, cert_pem)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    format_serial(cert.serial_number),
+                    spiffe_id,
+                    format_time(cert.not_valid_before_utc),
+                    format_time(cert.not_valid_after_utc),
+                    format_time(now),
+                    cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+                ),
+            )
         except sqlite3.IntegrityError:
+            db.execute("ROLLBACK TO insert_cert")
+            db.execute("RELEASE insert_cert")
             return False
+        db.execute("RELEASE insert_cert")
         return True
+
+    def record(self, serial: int) -> Record | None:
+        """The index entry of one serial, or None."""
+        with self._connect() as db:
+            found = StateDir.find(db, serial=serial)
+        return found[0] if found else None
+
+    def valid_certificates(self, now: datetime) -> list[tuple[Record, x509.Certificate]]:
+        """Every unexpired, unrevoked certificate of the index, with the certificate itself."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT * FROM certs WHERE revoked_at IS NULL AND not_after >= ? ORDER BY not_after, rowid",
+                (format_time(now),),
+            ).fetchall()
+        records = [(_record(row), row["cert_pem"]) for row in rows]
+        return [
+            (record, x509.load_pem_x509_certificate(pem.encode("ascii")))
+            for record, pem in records
+            if record.status(now) == VALID
+        ]
 
     def records(self) -> list[Record]:
         with self._connect() as db:
@@ -349,15 +423,23 @@ class StateDir:
         )
 
     @staticmethod
-    def revocations(db: sqlite3.Connection, *, now: datetime) -> list[Revocation]:
-        """Revoked certificates that have not expired yet: the ones a CRL must list."""
+    def revocations(
+        db: sqlite3.Connection, *, now: datetime, issuer: x509.Name | None = None
+    ) -> list[Revocation]:
+        """Revoked certificates that have not expired yet: the ones a CRL must list.
+
+        With ``issuer``, only those that CA issued (a CRL speaks for its own issuer's certificates).
+        """
         rows = db.execute(
-            "SELECT serial, revoked_at, reason FROM certs"
+            "SELECT serial, revoked_at, reason, cert_pem FROM certs"
             " WHERE revoked_at IS NOT NULL AND not_after >= ? ORDER BY revoked_at, rowid",
             (format_time(now),),
         )
         return [
-            Revocation(int(row["serial"], 16), _parse_time(row["revoked_at"]), row["reason"]) for row in rows
+            Revocation(int(row["serial"], 16), _parse_time(row["revoked_at"]), row["reason"])
+            for row in rows
+            if issuer is None
+            or x509.load_pem_x509_certificate(row["cert_pem"].encode("ascii")).issuer == issuer
         ]
 
     @staticmethod
@@ -367,3 +449,103 @@ class StateDir:
         number = int(last) + 1
         db.execute("UPDATE meta SET value = ? WHERE key = 'crl_number'", (str(number),))
         return number
+
+    # --- generations (ca rotate) -----------------------------------------------------------------
+
+    @staticmethod
+    def generation_number(db: sqlite3.Connection) -> int:
+        """The current generation (1 until the first ``ca rotate``)."""
+        row = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 1
+
+    @staticmethod
+    def set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def generations(self, db: sqlite3.Connection | None = None) -> list[CaGeneration]:
+        """Every generation whose files are here: the current one first, then older ones, newest first.
+
+        Inside a transaction that changes the generation (``ca rotate``), pass its ``db``.
+        """
+        if db is None:
+            with self._connect() as db:
+                current = StateDir.generation_number(db)
+        else:
+            current = StateDir.generation_number(db)
+        found = [
+            CaGeneration(
+                current, self.path, self.load_certificate(ROOT_CERT), self.load_certificate(INTERMEDIATE_CERT), True
+            )
+        ]
+        archive = self.file(GENERATIONS)
+        numbers = sorted(
+            (int(entry.name) for entry in archive.iterdir() if entry.name.isdigit() and entry.is_dir()),
+            reverse=True,
+        ) if archive.is_dir() else []
+        for number in numbers:
+            if number >= current:
+                continue  # left over by a rotation that did not complete: not a generation
+            directory = archive / str(number)
+            found.append(
+                CaGeneration(
+                    number,
+                    directory,
+                    self.load_certificate(directory.relative_to(self.path) / ROOT_CERT),
+                    self.load_certificate(directory.relative_to(self.path) / INTERMEDIATE_CERT),
+                    False,
+                )
+            )
+        return found
+
+    def bundle_roots(self) -> list[x509.Certificate]:
+        path = self.file(BUNDLE)
+        try:
+            return x509.load_pem_x509_certificates(path.read_bytes())
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror}") from None
+        except ValueError:
+            raise InputError(f"{path} holds no readable certificate (damaged?)") from None
+
+    def live_generations(self, db: sqlite3.Connection | None = None) -> list[CaGeneration]:
+        """The current generation and every older one whose root is still in bundle.pem."""
+        roots = self.bundle_roots()
+        return [gen for gen in self.generations(db) if gen.current or gen.root in roots]
+
+    # --- enrollment tokens ------------------------------------------------------------------------
+
+    @staticmethod
+    def add_token(
+        db: sqlite3.Connection, token_hash: str, spiffe_id: str, *, cert_ttl_s: int, now: datetime,
+        expires_at: datetime,
+    ) -> None:
+        db.execute(_TOKENS_SCHEMA)
+        db.execute(
+            "INSERT INTO tokens (token_hash, spiffe_id, cert_ttl_s, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+            (token_hash, spiffe_id, cert_ttl_s, format_time(now), format_time(expires_at)),
+        )
+
+    @staticmethod
+    def find_token(db: sqlite3.Connection, token_hash: str) -> Token | None:
+        db.execute(_TOKENS_SCHEMA)
+        row = db.execute("SELECT * FROM tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+        if row is None:
+            return None
+        return Token(
+            spiffe_id=row["spiffe_id"],
+            cert_ttl_s=int(row["cert_ttl_s"]),
+            created_at=_parse_time(row["created_at"]),
+            expires_at=_parse_time(row["expires_at"]),
+            used_at=_parse_time(row["used_at"]) if row["used_at"] else None,
+            used_serial=row["used_serial"],
+        )
+
+    @staticmethod
+    def mark_token_used(db: sqlite3.Connection, token_hash: str, *, at: datetime, serial: int) -> None:
+        """Consume a token; raise Refused if another transaction consumed it first (cannot happen
+        under BEGIN IMMEDIATE, but the UPDATE says so itself rather than trusting the caller)."""
+        cursor = db.execute(
+            "UPDATE tokens SET used_at = ?, used_serial = ? WHERE token_hash = ? AND used_at IS NULL",
+            (format_time(at), format_serial(serial), token_hash),
+        )
+        if cursor.rowcount != 1:
+            raise Refused("this token was used by a concurrent request", code="token_used")

@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import crypto
@@ -119,6 +119,8 @@ def load_credentials(identity: IdentityConfig, *, now: datetime | None = None) -
     for cert in path or chain:
         _check_validity(identity.bundle if cert in bundle else identity.cert, cert, now, problems)
     crl_issuers = tuple(path or chain[1:]) + tuple(trusted_roots)
+    if identity.crl and crl_data is not None:
+        crl_issuers += _crl_file_intermediates(identity.crl, crl_data, trusted_roots)
     trusted_crls = _trusted_crls(identity, crls, crl_issuers, problems)
     for position, cert in enumerate(chain):
         _check_not_revoked(identity, cert, position, trusted_crls, problems)
@@ -381,6 +383,30 @@ def _trusted_crls(
                 f"{identity.cert} or {identity.bundle}, so it cannot be trusted; fetch it from our CA (ca crl)"
             )
     return tuple(trusted)
+
+
+def _crl_file_intermediates(
+    path: Path, data: bytes, roots: list[x509.Certificate]
+) -> tuple[x509.Certificate, ...]:
+    """CA certificates that travel in the CRL file (``ca crl`` puts each intermediate before its CRL
+    while a rotation keeps two generations trusted) and that a root of our bundle signed: a CRL of
+    the other generation's intermediate is checked against them. Anything else in the file is ignored."""
+    found = []
+    for block in _pem_blocks(path, data, _CERTIFICATE, "certificate", []):
+        try:
+            cert = x509.load_pem_x509_certificate(block)
+        except ValueError:
+            continue
+        if not _is_ca(cert):
+            continue
+        for root in roots:
+            try:
+                cert.verify_directly_issued_by(root)
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+                continue
+            found.append(cert)
+            break
+    return tuple(found)
 
 
 def _crl_signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:

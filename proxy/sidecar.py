@@ -79,7 +79,13 @@ def load_generation(config_path: Path) -> Generation:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        raise StartupError(list(exc.problems)) from None
+        problems = list(exc.problems)
+        if exc.identity is not None:  # that section is valid: list its files' problems too, as `proxy check` does
+            try:
+                load_credentials(exc.identity)
+            except CredentialError as cred_exc:
+                problems.extend(cred_exc.problems)
+        raise StartupError(problems) from None
     try:
         creds = load_credentials(config.identity)
     except CredentialError as exc:
@@ -132,6 +138,7 @@ class Sidecar:
         self.listen_sockets: dict[str, socket.socket] = {}
         self.draining = False
         self._idle = trio.Event()
+        self.renewer = None  # a proxy.renew.Renewer while identity.renew is set (started by serve)
         self._file_stamps = self._stamp_files(generation)
         self._update_identity_metrics()
 
@@ -173,6 +180,11 @@ class Sidecar:
 
                         root.start_soon(serve_admin, admin_sock, self)
                     root.start_soon(self._watch_files)
+                    if gen.config.identity.renew is not None:
+                        from proxy.renew import Renewer
+
+                        self.renewer = Renewer(self)
+                        root.start_soon(self.renewer.run)
                     stop = trio.Event()
                     root.start_soon(self._signals, stop)
                     for name, address in self.bound.items():
@@ -365,7 +377,7 @@ class Sidecar:
                         self._closed(tracked, peer_addr, Link(), started, "reset", detail)
                         abort = True
                         return
-                await self._relay(tracked, tls, plain, peer_addr, started, gen)
+                await self._relay(tracked, tls, plain, peer_addr, started, gen, app=lst.forward)
                 abort = tracked.revoked_detail is not None
         finally:
             self._close(sock, abort)
@@ -416,7 +428,9 @@ class Sidecar:
                 self._close(upstream, abort)
             self._finish(tracked)
 
-    async def _relay(self, tracked, tls, plain, peer_addr, started, gen) -> None:
+    async def _relay(self, tracked, tls, plain, peer_addr, started, gen, app=None) -> None:
+        """Relay and log the closing line. ``app`` (inbound only) is the app's address: an app that
+        resets the connection before sending a single byte never served it (upstream_unreachable)."""
         link = Link(gen.config.timeouts.idle)
         reason = detail = None
         try:
@@ -427,6 +441,10 @@ class Sidecar:
             reason, detail = "reset", f"{exc.side} side: {exc.detail}"
             if exc.side == "tls" and exc.detail.startswith("remote sent alert") and not link.bytes_in:
                 reason, detail = policy.HANDSHAKE_FAILED, "remote refused us: " + exc.detail.split("sent ", 1)[1]
+            elif exc.side == "plain" and app is not None and not link.bytes_out:
+                reason = policy.UPSTREAM_UNREACHABLE
+                detail = (f"app at {app} for port {tracked.listener} reset the connection "
+                          f"before answering: {exc.detail}")
             abort_socket(tls.sock)
             abort_socket(plain)
         finally:
@@ -514,6 +532,8 @@ class Sidecar:
         """Poll the files the config names; reload when any of them changes (symlink swaps included)."""
         while True:
             await trio.sleep(FILE_POLL_INTERVAL)
+            if self.renewer is not None and self.renewer.writing:
+                continue  # key and cert are being swapped; the renewer reloads once both are in place
             changed = [str(p) for p, stamp in self._file_stamps.items() if _stamp(p) != stamp]
             if changed:
                 if not self.reload("file change: " + ", ".join(changed)):
@@ -541,6 +561,8 @@ class Sidecar:
                 problems.append(f"listener {lst.name} is not bound")
         if self.draining:
             problems.append("draining: shutting down")
+        if self.renewer is not None:
+            problems.extend(self.renewer.readiness_problems(now_timestamp))
         return problems
 
 

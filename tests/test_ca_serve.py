@@ -1,0 +1,378 @@
+"""`ca serve` as a real process: renewal over mTLS, one-time-token enrollment, refusals, concurrency, logs,
+rotation while serving, SIGTERM. The client side is the stdlib (`ssl`, `http.client`), not our own code."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import signal
+import ssl
+import subprocess
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ca import operations
+from ca.store import StateDir
+from harness import DEADLINE, PY, TD, Forge, issue, other_authority, run_ca, wait_until
+
+WEB = f"spiffe://{TD}/ns/prod/sa/web"
+
+
+class CaService:
+    """`ca serve --listen 127.0.0.1:0` as a subprocess; its JSON log read back from a file."""
+
+    def __init__(self, ca_dir: Path, log_dir: Path, *extra: str, listen: str = "127.0.0.1:0"):
+        self.ca_dir = ca_dir
+        self.log_path = log_dir / f"ca-serve-{os.urandom(3).hex()}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [PY, "-m", "ca", "serve", "--listen", listen, *extra],
+            stdout=subprocess.DEVNULL, stderr=self._log, env=dict(os.environ, CA_DIR=str(ca_dir)),
+        )
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ca serve exited {self.proc.returncode}: {self.log_path.read_text()}")
+            return next((e for e in self.events() if e["event"] == "ready"), None)
+
+        wait_until(ready, what="ca serve ready")
+        listening = next(e for e in self.events() if e["event"] == "listening")
+        self.port = int(listening["address"].rsplit(":", 1)[1])
+        self.url = f"https://127.0.0.1:{self.port}"
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def requests(self) -> list[dict]:
+        return [e for e in self.events() if e["event"] == "request"]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def post(service: CaService, path: str, body: bytes, *, ident: Path | None = None,
+         content_type: str = "application/pkcs10", bundle: Path | None = None):
+    """POST over TLS 1.3, verifying the service against the CA's bundle; (status, body, server leaf)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False  # the service is identified by its SPIFFE ID, checked below
+    ctx.load_verify_locations(bundle or service.ca_dir / "bundle.pem")
+    if ident is not None:
+        ctx.load_cert_chain(ident / "cert.pem", ident / "key.pem")
+    conn = http.client.HTTPSConnection("127.0.0.1", service.port, context=ctx, timeout=DEADLINE)
+    try:
+        conn.request("POST", path, body, {"content-type": content_type})
+        response = conn.getresponse()
+        data = response.read()
+        server = x509.load_der_x509_certificate(conn.sock.getpeercert(binary_form=True))
+        return response.status, data, server
+    finally:
+        conn.close()
+
+
+def csr_for(key=None, *, names=()) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ignored")])
+    )
+    if names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(n) for n in names]), critical=False
+        )
+    return key, builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def bad_signature_csr() -> bytes:
+    """A CSR whose signature does not verify: the last byte of the ECDSA signature flipped."""
+    _, pem = csr_for()
+    der = bytearray(x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER))
+    der[-1] ^= 0x01
+    lines = base64.encodebytes(bytes(der)).replace(b"\n", b"")
+    body = b"\n".join(lines[i : i + 64] for i in range(0, len(lines), 64))
+    return b"-----BEGIN CERTIFICATE REQUEST-----\n" + body + b"\n-----END CERTIFICATE REQUEST-----\n"
+
+
+def error_of(body: bytes) -> str:
+    return json.loads(body)["error"]
+
+
+def uri_of(cert: x509.Certificate) -> str:
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    (uri,) = san.get_values_for_type(x509.UniformResourceIdentifier)
+    return uri
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+@pytest.fixture(scope="module")
+def ca_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("serve") / "ca"
+    run_ca(directory, "init", "--trust-domain", TD)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def service(ca_dir, tmp_path_factory):
+    svc = CaService(ca_dir, tmp_path_factory.mktemp("serve-logs"))
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def web(ca_dir, tmp_path):
+    return issue(ca_dir, tmp_path / "web", WEB, "--ttl", "2h", "--dns", "web.prod.svc")
+
+
+def token(ca_dir: Path, spiffe_id: str, *extra: str) -> str:
+    return run_ca(ca_dir, "token", spiffe_id, *extra).stdout.strip()
+
+
+def enroll_body(tok: str, csr_pem: bytes) -> bytes:
+    return json.dumps({"token": tok, "csr": csr_pem.decode()}).encode()
+
+
+# --- renewal ---------------------------------------------------------------------------------------
+
+
+def test_service_presents_an_svid_for_spiffe_td_ca_chaining_to_the_bundle(service, web):
+    status, _, server = post(service, "/v1/renew", csr_for()[1], ident=web)  # verify_mode=CERT_REQUIRED passed
+    assert status == 200 and uri_of(server) == f"spiffe://{TD}/ca"
+
+
+def test_renew_returns_a_new_certificate_for_the_same_id_over_the_csr_key(service, web):
+    old = x509.load_pem_x509_certificates((web / "cert.pem").read_bytes())[0]
+    key, csr = csr_for(names=[f"spiffe://{TD}/ns/prod/sa/admin"])  # the CSR's names are ignored
+    status, body, _ = post(service, "/v1/renew", csr, ident=web)
+    assert status == 200, body
+    leaf, intermediate = x509.load_pem_x509_certificates(body)
+    assert uri_of(leaf) == WEB and leaf.subject == x509.Name([])
+    assert leaf.serial_number != old.serial_number
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    assert leaf.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+    leaf.verify_directly_issued_by(intermediate)
+    lifetime = leaf.not_valid_after_utc - _now()
+    assert timedelta(hours=2) - timedelta(seconds=30) < lifetime <= timedelta(hours=2)  # same TTL as the old one
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["web.prod.svc"]  # carried over, not from the CSR
+    record = StateDir.open(service.ca_dir).record(leaf.serial_number)
+    assert record is not None and record.spiffe_id == WEB
+
+
+def test_renew_is_refused_403_for_a_revoked_certificate(service, ca_dir, web):
+    serial = x509.load_pem_x509_certificates((web / "cert.pem").read_bytes())[0].serial_number
+    run_ca(ca_dir, "revoke", format(serial, "x"))
+    status, body, _ = post(service, "/v1/renew", csr_for()[1], ident=web)
+    assert status == 403 and error_of(body) == "revoked"
+    assert "revoked at" in json.loads(body)["detail"]
+
+
+def test_renew_is_refused_403_for_an_expired_certificate(service, ca_dir, tmp_path):
+    state = StateDir.open(ca_dir)
+    start = state.load_certificate("intermediate.pem").not_valid_before_utc + timedelta(seconds=1)
+    operations.issue(state, WEB, ttl=timedelta(seconds=10), now=start, out_dir=tmp_path / "expired")
+    status, body, _ = post(service, "/v1/renew", csr_for()[1], ident=tmp_path / "expired")
+    assert status == 403 and error_of(body) == "expired"
+
+
+def test_renew_without_a_client_certificate_is_refused_403(service):
+    status, body, _ = post(service, "/v1/renew", csr_for()[1])
+    assert status == 403 and error_of(body) == "no_client_cert"
+
+
+def test_renew_with_a_certificate_of_another_ca_is_refused_403(service, tmp_path):
+    cert, key = other_authority()
+    ident = Forge(service.ca_dir).leaf(tmp_path / "foreign", (WEB,), issuer=cert, issuer_key=key)
+    status, body, _ = post(service, "/v1/renew", csr_for()[1], ident=ident)
+    assert status == 403 and error_of(body) == "untrusted_ca"
+
+
+def test_renew_with_a_forged_certificate_unknown_to_the_index_is_refused_403(service, tmp_path):
+    ident = Forge(service.ca_dir).leaf(tmp_path / "forged", (WEB,))  # signed with the CA's key, never recorded
+    status, body, _ = post(service, "/v1/renew", csr_for()[1], ident=ident)
+    assert status == 403 and error_of(body) == "unknown_certificate"
+
+
+def test_renew_with_a_bad_csr_signature_is_refused_400(service, web):
+    status, body, _ = post(service, "/v1/renew", bad_signature_csr(), ident=web)
+    assert status == 400 and error_of(body) == "bad_csr"
+    assert "bad signature" in json.loads(body)["detail"]
+
+
+def test_twenty_concurrent_renewals_all_succeed_with_unique_serials(service, ca_dir, tmp_path):
+    state = StateDir.open(ca_dir)
+    idents = [
+        operations.issue(state, f"spiffe://{TD}/ns/load/sa/w{i}", ttl=timedelta(hours=1), now=_now(),
+                         out_dir=tmp_path / f"w{i}").cert_path.parent
+        for i in range(20)
+    ]
+    barrier = threading.Barrier(len(idents))
+    results: dict[int, tuple] = {}
+
+    def renew(i: int) -> None:
+        csr = csr_for()[1]
+        barrier.wait()
+        results[i] = post(service, "/v1/renew", csr, ident=idents[i])
+
+    threads = [threading.Thread(target=renew, args=(i,)) for i in range(len(idents))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE)
+    assert sorted(results) == list(range(20))
+    assert all(status == 200 for status, _, _ in results.values()), [b for s, b, _ in results.values() if s != 200]
+    leaves = {i: x509.load_pem_x509_certificates(body)[0] for i, (_, body, _) in results.items()}
+    assert len({leaf.serial_number for leaf in leaves.values()}) == 20
+    assert all(uri_of(leaves[i]) == f"spiffe://{TD}/ns/load/sa/w{i}" for i in range(20))
+    recorded = {record.serial for record in state.records()}
+    assert all(leaf.serial_number in recorded for leaf in leaves.values())
+
+
+# --- enrollment ------------------------------------------------------------------------------------
+
+
+def test_enroll_with_a_token_works_once_and_the_second_use_is_refused(service, ca_dir):
+    spiffe_id = f"spiffe://{TD}/ns/prod/sa/new-{os.urandom(3).hex()}"
+    tok = token(ca_dir, spiffe_id, "--ttl", "10m")
+    assert tok.startswith("mst1_") and len(tok) > 40
+    key, csr = csr_for(names=[f"spiffe://{TD}/ns/prod/sa/admin"])
+    status, body, _ = post(service, "/v1/enroll", enroll_body(tok, csr), content_type="application/json")
+    assert status == 200, body
+    leaf = x509.load_pem_x509_certificates(body)[0]
+    assert uri_of(leaf) == spiffe_id
+    status, body, _ = post(service, "/v1/enroll", enroll_body(tok, csr_for()[1]), content_type="application/json")
+    assert status == 403 and error_of(body) == "token_used"
+
+
+def test_enroll_with_an_expired_token_is_refused(service, ca_dir):
+    issued = operations.create_token(
+        StateDir.open(ca_dir), f"spiffe://{TD}/ns/prod/sa/late", ttl=timedelta(minutes=10),
+        now=_now() - timedelta(hours=1),
+    )
+    status, body, _ = post(service, "/v1/enroll", enroll_body(issued.token, csr_for()[1]),
+                           content_type="application/json")
+    assert status == 403 and error_of(body) == "token_expired"
+
+
+def test_enroll_with_an_unknown_token_is_refused(service):
+    status, body, _ = post(service, "/v1/enroll", enroll_body("mst1_" + "A" * 43, csr_for()[1]),
+                           content_type="application/json")
+    assert status == 403 and error_of(body) == "invalid_token"
+
+
+def test_enroll_with_a_bad_csr_signature_is_refused_and_does_not_spend_the_token(service, ca_dir):
+    tok = token(ca_dir, f"spiffe://{TD}/ns/prod/sa/careful")
+    status, body, _ = post(service, "/v1/enroll", enroll_body(tok, bad_signature_csr()),
+                           content_type="application/json")
+    assert status == 400 and error_of(body) == "bad_csr"
+    status, _, _ = post(service, "/v1/enroll", enroll_body(tok, csr_for()[1]), content_type="application/json")
+    assert status == 200
+
+
+def test_concurrent_enrollments_with_one_token_issue_exactly_one_certificate(service, ca_dir):
+    tok = token(ca_dir, f"spiffe://{TD}/ns/prod/sa/race")
+    barrier = threading.Barrier(10)
+    statuses: list[int] = []
+
+    def attempt() -> None:
+        body = enroll_body(tok, csr_for()[1])
+        barrier.wait()
+        statuses.append(post(service, "/v1/enroll", body, content_type="application/json")[0])
+
+    threads = [threading.Thread(target=attempt) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE)
+    assert sorted(statuses) == [200] + [403] * 9
+
+
+def test_enroll_with_a_malformed_body_is_refused_400(service):
+    status, body, _ = post(service, "/v1/enroll", b"token=abc", content_type="application/json")
+    assert status == 400 and error_of(body) == "bad_request"
+
+
+def test_ca_refuses_to_issue_or_enroll_the_services_own_id(ca_dir, tmp_path):
+    for args in (("issue", f"spiffe://{TD}/ca", "--out", str(tmp_path / "fake")), ("token", f"spiffe://{TD}/ca")):
+        result = run_ca(ca_dir, *args, check=False)
+        assert result.returncode == 1 and "reserved for the CA service" in result.stderr
+
+
+# --- protocol, logs, lifecycle ---------------------------------------------------------------------
+
+
+def test_unknown_path_is_404_and_wrong_method_405(service):
+    assert post(service, "/v1/nothing", b"")[0] == 404
+    status, body, _ = post(service, "/healthz", b"")
+    assert status == 405 and error_of(body) == "method_not_allowed"
+
+
+def test_each_request_is_logged_as_one_json_line_with_its_decision(service, web):
+    before = len(service.requests())
+    post(service, "/v1/renew", csr_for()[1], ident=web)
+    post(service, "/v1/renew", csr_for()[1])
+    wait_until(lambda: len(service.requests()) >= before + 2, what="two request lines")
+    issued, refused = service.requests()[before : before + 2]
+    assert issued["decision"] == "issued" and issued["status"] == 200 and issued["path"] == "/v1/renew"
+    assert issued["peer_id"] == WEB and issued["spiffe_id"] == WEB and issued["serial"]
+    assert refused["decision"] == "refused" and refused["status"] == 403 and refused["reason"] == "no_client_cert"
+
+
+def test_rotation_while_serving_switches_to_the_new_intermediate_and_old_leaves_still_renew(tmp_path):
+    ca_dir = tmp_path / "ca"
+    run_ca(ca_dir, "init", "--trust-domain", TD)
+    old = issue(ca_dir, tmp_path / "old", WEB)
+    svc = CaService(ca_dir, tmp_path)
+    try:
+        first = next(e for e in svc.events() if e["event"] == "service_certificate")
+        run_ca(ca_dir, "rotate")
+        second = wait_until(lambda: next((e for e in svc.events() if e["event"] == "service_certificate"
+                                          and e["serial"] != first["serial"]), None), what="new service cert")
+        assert second["issuer"] == f"CN=mtls-sidecar intermediate CA 2,O={TD}"
+        status, body, server = post(svc, "/v1/renew", csr_for()[1], ident=old)
+        assert status == 200
+        assert x509.load_pem_x509_certificates(body)[0].issuer.rfc4514_string().endswith("CA 2,O=example.org")
+        assert server.issuer.rfc4514_string().endswith("CA 2,O=example.org")
+        records = {format(r.serial, "x"): r for r in StateDir.open(ca_dir).records()}
+        assert records[first["serial"]].reason == "superseded"  # the replaced service cert never blocks drop-old
+        run_ca(ca_dir, "revoke", format(x509.load_pem_x509_certificates((old / "cert.pem").read_bytes())[0]
+                                        .serial_number, "x"))
+        run_ca(ca_dir, "bundle", "--drop-old")
+    finally:
+        assert svc.stop() == 0
+
+
+def test_sigterm_stops_the_service_cleanly_with_exit_0(ca_dir, tmp_path):
+    svc = CaService(ca_dir, tmp_path)
+    assert post(svc, "/v1/nothing", b"")[0] == 404
+    assert svc.stop() == 0
+    assert [e["event"] for e in svc.events()][-3:] == ["shutdown", "draining", "stopped"]
+
+
+def test_serve_refuses_a_bad_listen_address_with_exit_2(ca_dir):
+    result = run_ca(ca_dir, "serve", "--listen", "nonsense", check=False)
+    assert result.returncode == 2 and result.stderr.startswith("ca: --listen")
