@@ -1,6 +1,7 @@
 """``proxy check -c FILE``: validate the config and the identity files it names, list every problem.
 
-For ``check``, anything ``expiry_warnings`` reports (a certificate expiring within 24 h, a stale CRL)
+For ``check``, anything ``expiry_warnings`` reports (a certificate expiring within 24 h, or in the last
+third of a shorter life; a stale CRL)
 is a problem too: the point of running it is to catch what would break soon.
 """
 

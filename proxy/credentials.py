@@ -145,7 +145,7 @@ def load_credentials(identity: IdentityConfig, *, now: datetime | None = None) -
 def expiry_warnings(
     creds: Credentials, now: datetime | None = None, *, within: timedelta = EXPIRY_WARNING
 ) -> list[str]:
-    """Things that will break soon: certificates expiring within ``within`` (or already expired
+    """Things that will break soon: certificates expiring within ``within`` or their last third of life (or expired
     since the load), trust roots in the bundle that expire, and CRLs whose next update is past."""
     now = _utc(now)
     warnings = []
@@ -480,9 +480,11 @@ def roughly(delta: timedelta) -> str:
 
 
 def _expiry_warning(what: str, cert: x509.Certificate, now: datetime, within: timedelta, advice: str) -> str | None:
+    """Warn within ``within`` of expiry, or in the last third of a shorter life: a fresh 24-hour
+    certificate (the ``ca issue`` default) is not "expiring", one with 7 hours left is."""
     expires = cert.not_valid_after_utc
     if expires <= now:
         return f"{what} expired {_when(expires)}; {advice}"
-    if expires - now <= within:
+    if expires - now <= min(within, (expires - cert.not_valid_before_utc) / 3):
         return f"{what} expires {_when(expires)}, in {roughly(expires - now)}; {advice}"
     return None

@@ -94,6 +94,14 @@ def test_reports_a_certificate_expiring_within_24_hours(tmp_path, authority):
     assert problem.startswith(f"{tmp_path / 'cert.pem'}: our certificate for {WEB} expires at ")
 
 
+def test_passes_a_fresh_24_hour_certificate_and_reports_it_in_its_last_third(tmp_path, authority):
+    """`ca issue` gives 24 hours by default: fresh, that is not "expiring"; with 7 hours left it is."""
+    config = write_setup(tmp_path, authority, not_before=NOW, not_after=NOW + 24 * HOUR)
+    assert run_check(config, now=NOW + HOUR)[0]
+    ok, problems = run_check(config, now=NOW + 17 * HOUR)
+    assert not ok and "expires at" in problems[0]
+
+
 def test_reports_an_expired_certificate(tmp_path, authority):
     ok, problems = run_check(write_setup(tmp_path, authority, not_after=NOW - HOUR), now=NOW)
 
