@@ -48,7 +48,7 @@ INBOUND = "inbound"
 OUTBOUND = "outbound"
 FILE_POLL_INTERVAL = 0.5
 ACCEPT_BACKOFF = 0.05
-READY_MIN_REMAINING = 60.0  # seconds of certificate life below which /readyz says not ready
+READY_MIN_REMAINING = 60.0  # seconds of certificate life (or a tenth of it) below which /readyz says not ready
 
 # Results for sidecar_connections_total: refusals by identity or policy are "denied", the rest "error".
 _ERROR_REASONS = {policy.HANDSHAKE_TIMEOUT, policy.HANDSHAKE_FAILED, policy.UPSTREAM_UNREACHABLE}
@@ -551,7 +551,7 @@ class Sidecar:
         remaining = creds.not_after.timestamp() - now_timestamp
         if remaining <= 0:
             problems.append(f"identity {creds.spiffe_id} expired at {creds.not_after.isoformat()}")
-        elif remaining < READY_MIN_REMAINING:
+        elif remaining < min(READY_MIN_REMAINING, (creds.not_after - creds.not_before).total_seconds() / 10):
             problems.append(f"identity {creds.spiffe_id} expires in {remaining:.0f}s")
         if creds.not_before.timestamp() > now_timestamp:
             problems.append(f"identity {creds.spiffe_id} is not valid before {creds.not_before.isoformat()}")
