@@ -30,5 +30,8 @@ demo: $(STAMP)
 test: $(STAMP) $(TOOLS_STAMP)
 	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) $(TOOLS) build *.egg-info

@@ -14,6 +14,12 @@ End of stream is forwarded as a half-close: a close_notify from the TLS peer bec
 ``shutdown(SHUT_WR)``; the other direction keeps flowing. A reset (or a TLS stream cut without
 close_notify, which could be a truncation) on either side aborts both sides with an RST.
 
+Per chunk the pumps do as little Python as they can: OpenSSL is called directly on a pointer into
+the scratch buffer, "would block" is a return value rather than an exception, a pump yields to
+the scheduler only when it would block or after a burst of chunks, and idleness is not timed per
+wait (a trio cancel scope per wait costs more than the request it guards) but by the sidecar's
+reaper, which looks at ``Link.last_activity`` of every open connection once in a while.
+
 Who closes what: ``relay`` never closes sockets; the caller does (``abort`` tells it to close
 with RST instead of FIN).
 """
@@ -38,6 +44,12 @@ _scratch_view = memoryview(_scratch)
 _scratch_ptr = _ffi.from_buffer(_scratch)
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+# A pump that never has to wait still yields after this many chunks, so one bulk transfer cannot
+# starve the other connections of the event loop.
+CHUNKS_PER_YIELD = 16
+
+_WANT_READ = _lib.SSL_ERROR_WANT_READ
+_WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
 
 
 class Reset(Exception):
@@ -49,25 +61,19 @@ class Reset(Exception):
         self.detail = detail
 
 
-class Idle(Exception):
-    """Nothing moved either way for the idle timeout."""
-
-
 class Link:
-    """Byte counts, activity and outcome of one relayed connection.
+    """Byte counts and activity of one relayed connection.
 
     ``bytes_in`` flows from the TLS peer to the plaintext side, ``bytes_out`` the other way.
-    ``failure`` is the first Reset or Idle that ended the relay, if any.
+    ``last_activity`` (trio time) is what the sidecar's idle reaper reads.
     """
 
-    __slots__ = ("bytes_in", "bytes_out", "last_activity", "idle_timeout", "failure")
+    __slots__ = ("bytes_in", "bytes_out", "last_activity")
 
-    def __init__(self, idle_timeout: float = float("inf")) -> None:
+    def __init__(self) -> None:
         self.bytes_in = 0
         self.bytes_out = 0
         self.last_activity = trio.current_time()
-        self.idle_timeout = idle_timeout
-        self.failure: Reset | Idle | None = None
 
 
 def abort_socket(sock: socket.socket) -> None:
@@ -78,7 +84,7 @@ def abort_socket(sock: socket.socket) -> None:
         pass
 
 
-async def send_plain(sock: socket.socket, view: memoryview, link: Link) -> None:
+async def send_plain(sock: socket.socket, view: memoryview) -> None:
     """Write all of ``view`` (which may point into the scratch buffer) to a plaintext socket."""
     try:
         sent = sock.send(view)
@@ -90,7 +96,7 @@ async def send_plain(sock: socket.socket, view: memoryview, link: Link) -> None:
         return
     rest = bytes(view[sent:])  # leave the shared scratch buffer before awaiting
     while rest:
-        await _wait(trio.lowlevel.wait_writable, sock, link)
+        await trio.lowlevel.wait_writable(sock)
         try:
             sent = sock.send(rest)
         except BlockingIOError:
@@ -100,100 +106,96 @@ async def send_plain(sock: socket.socket, view: memoryview, link: Link) -> None:
         rest = rest[sent:]
 
 
-async def _send_tls(tls: TlsSocket, view: memoryview, link: Link) -> None:
-    """Encrypt and write all of ``view`` to the TLS peer."""
-    conn = tls.conn
-    data: memoryview | bytes = view
-    while data:
-        try:
-            sent = conn.send(data)
-        except SSL.WantWriteError:
-            if data is view:
-                data = bytes(view)  # OpenSSL allows a moved buffer with the same content
-            await _wait(trio.lowlevel.wait_writable, tls.sock, link)
-            continue
-        except SSL.WantReadError:
-            if data is view:
-                data = bytes(view)
-            await _wait(trio.lowlevel.wait_readable, tls.sock, link)
-            continue
-        except (SSL.Error, OSError) as exc:
-            raise Reset("tls", ssl_error_text(exc)) from None
-        data = data[sent:]
-
-
-def _tls_read(conn: SSL.Connection, offset: int) -> int:
-    """One SSL_read into the scratch buffer at ``offset``; raises pyOpenSSL's exceptions."""
-    result = _lib.SSL_read(conn._ssl, _scratch_ptr + offset, SCRATCH_SIZE - offset)
-    if result <= 0:
+def _tls_failure(conn: SSL.Connection, result: int) -> Exception:
+    """The exception pyOpenSSL would raise for a failed SSL_read/SSL_write (not a would-block)."""
+    try:
         conn._raise_ssl_error(conn._ssl, result)
-    return result
+    except Exception as exc:  # the one place that turns OpenSSL's verdict into an exception
+        return exc
+    return SSL.SysCallError(-1, "Unexpected EOF")
 
 
-async def _wait(wait, sock: socket.socket, link: Link) -> None:
-    """``wait`` (wait_readable/wait_writable) on ``sock``; raise Idle once nothing moved for the idle timeout.
-
-    The deadline is per wait rather than a watchdog task per connection: an idle connection then
-    costs two suspended pumps and nothing else.
-    """
+async def _send_tls(tls: TlsSocket, length: int) -> None:
+    """Encrypt and write the first ``length`` bytes of the scratch buffer to the TLS peer."""
+    ssl = tls.conn._ssl
+    result = _lib.SSL_write(ssl, _scratch_ptr, length)
+    if result == length:
+        return
+    # Partial write or would-block: keep the rest in a private buffer before awaiting. OpenSSL
+    # accepts a moved buffer with the same content (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER).
+    rest = bytes(_scratch_view[max(result, 0) : length])
     while True:
-        with trio.move_on_at(link.last_activity + link.idle_timeout):
-            await wait(sock)
+        if result <= 0:
+            error = _lib.SSL_get_error(ssl, result)
+            if error == _WANT_WRITE:
+                await trio.lowlevel.wait_writable(tls.sock)
+            elif error == _WANT_READ:
+                await trio.lowlevel.wait_readable(tls.sock)
+            else:
+                raise Reset("tls", ssl_error_text(_tls_failure(tls.conn, result))) from None
+        with _ffi.from_buffer(rest) as pointer:
+            result = _lib.SSL_write(ssl, pointer, len(rest))
+        if result == len(rest):
             return
-        if trio.current_time() >= link.last_activity + link.idle_timeout:
-            raise Idle()
+        if result > 0:
+            rest = rest[result:]
 
 
-async def _pump_tls_to_plain(tls: TlsSocket, plain: socket.socket, link: Link, scope: trio.CancelScope) -> None:
+async def _pump_tls_to_plain(tls: TlsSocket, plain: socket.socket, link: Link, failures: list, scope) -> None:
     conn = tls.conn
+    ssl = conn._ssl
+    chunks = 0
     try:
         while True:
             filled = 0
-            eof = False
-            try:
-                while filled < SCRATCH_SIZE:
-                    filled += _tls_read(conn, filled)
-                    if not conn.pending() and filled >= SCRATCH_SIZE // 2:
-                        break
-            except SSL.WantReadError:
-                pass
-            except SSL.ZeroReturnError:
-                eof = True
-            except SSL.WantWriteError:  # a TLS 1.3 KeyUpdate reply is waiting to go out
-                if not filled:
-                    await _wait(trio.lowlevel.wait_writable, tls.sock, link)
-                    continue
-            except SSL.SysCallError as exc:
-                raise Reset("tls", ssl_error_text(exc) + " (no close_notify)") from None
-            except SSL.Error as exc:
-                alert = alert_from_error(exc)
-                raise Reset("tls", f"remote sent alert {alert}" if alert else ssl_error_text(exc)) from None
+            error = 0
+            while filled < SCRATCH_SIZE // 2:
+                result = _lib.SSL_read(ssl, _scratch_ptr + filled, SCRATCH_SIZE - filled)
+                if result <= 0:
+                    error = _lib.SSL_get_error(ssl, result)
+                    break
+                filled += result
             if filled:
                 link.bytes_in += filled
                 link.last_activity = trio.current_time()
-                await send_plain(plain, _scratch_view[:filled], link)
-            if eof:
-                try:
-                    plain.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                return
-            if filled:
-                await trio.lowlevel.checkpoint()
+                await send_plain(plain, _scratch_view[:filled])
+            if error == _WANT_READ:
+                chunks = 0
+                await trio.lowlevel.wait_readable(tls.sock)
+            elif error == _WANT_WRITE:  # a TLS 1.3 KeyUpdate reply is waiting to go out
+                chunks = 0
+                await trio.lowlevel.wait_writable(tls.sock)
+            elif error:
+                exc = _tls_failure(conn, result)
+                if isinstance(exc, SSL.ZeroReturnError):  # close_notify: forward the half-close
+                    try:
+                        plain.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    return
+                if isinstance(exc, SSL.SysCallError):
+                    raise Reset("tls", ssl_error_text(exc) + " (no close_notify)")
+                alert = alert_from_error(exc)
+                raise Reset("tls", f"remote sent alert {alert}" if alert else ssl_error_text(exc))
             else:
-                await _wait(trio.lowlevel.wait_readable, tls.sock, link)
-    except (Reset, Idle) as exc:
-        link.failure = link.failure or exc
+                chunks += 1
+                if chunks >= CHUNKS_PER_YIELD:
+                    chunks = 0
+                    await trio.lowlevel.checkpoint()
+    except Reset as exc:
+        failures.append(exc)
         scope.cancel()
 
 
-async def _pump_plain_to_tls(plain: socket.socket, tls: TlsSocket, link: Link, scope: trio.CancelScope) -> None:
+async def _pump_plain_to_tls(plain: socket.socket, tls: TlsSocket, link: Link, failures: list, scope) -> None:
+    chunks = 0
     try:
         while True:
             try:
                 n = plain.recv_into(_scratch)
             except BlockingIOError:
-                await _wait(trio.lowlevel.wait_readable, plain, link)
+                chunks = 0
+                await trio.lowlevel.wait_readable(plain)
                 continue
             except OSError as exc:
                 raise Reset("plain", exc.strerror or str(exc)) from None
@@ -202,10 +204,13 @@ async def _pump_plain_to_tls(plain: socket.socket, tls: TlsSocket, link: Link, s
                 return
             link.bytes_out += n
             link.last_activity = trio.current_time()
-            await _send_tls(tls, _scratch_view[:n], link)
-            await trio.lowlevel.checkpoint()
-    except (Reset, Idle) as exc:
-        link.failure = link.failure or exc
+            await _send_tls(tls, n)
+            chunks += 1
+            if chunks >= CHUNKS_PER_YIELD:
+                chunks = 0
+                await trio.lowlevel.checkpoint()
+    except Reset as exc:
+        failures.append(exc)
         scope.cancel()
 
 
@@ -221,16 +226,15 @@ def send_close_notify(tls: TlsSocket) -> None:
         pass
 
 
-async def relay(tls: TlsSocket, plain: socket.socket, link: Link) -> str | None:
+async def relay(tls: TlsSocket, plain: socket.socket, link: Link) -> None:
     """Copy both ways until both directions have ended.
 
-    Returns None on a clean end, "idle_timeout" when nothing moved for ``link.idle_timeout``.
     Raises Reset when either side broke; the caller then aborts both sockets.
-    Cancellation from outside (drain deadline, policy revoked) propagates.
+    Cancellation from outside (idle reaper, drain deadline, policy revoked) propagates.
     """
+    failures: list[Reset] = []
     async with trio.open_nursery() as pumps:
-        pumps.start_soon(_pump_tls_to_plain, tls, plain, link, pumps.cancel_scope)
-        pumps.start_soon(_pump_plain_to_tls, plain, tls, link, pumps.cancel_scope)
-    if isinstance(link.failure, Reset):
-        raise link.failure
-    return "idle_timeout" if isinstance(link.failure, Idle) else None
+        pumps.start_soon(_pump_tls_to_plain, tls, plain, link, failures, pumps.cancel_scope)
+        pumps.start_soon(_pump_plain_to_tls, plain, tls, link, failures, pumps.cancel_scope)
+    if failures:
+        raise failures[0]

@@ -41,7 +41,7 @@ from proxy.identity import CLIENT, SERVER, SpiffeId
 from proxy.metrics import Metrics
 from proxy.netutil import bound_address, close_socket, connect, listen_socket
 from proxy.proxy_protocol import v2_header
-from proxy.relay import Idle, Link, Reset, abort_socket, relay, send_plain
+from proxy.relay import Link, Reset, abort_socket, relay, send_plain
 from proxy.tls import PeerCheck, TlsContexts, build_contexts, session_lifetime
 
 INBOUND = "inbound"
@@ -116,7 +116,7 @@ def _listener_layout(config: Config) -> list[tuple[str, str, str]]:
 class Tracked:
     """An open connection, as reload and drain see it."""
 
-    __slots__ = ("listener", "direction", "peer_id", "serial", "scope", "revoked_detail")
+    __slots__ = ("listener", "direction", "peer_id", "serial", "scope", "revoked_detail", "idle_detail", "link")
 
     def __init__(self, listener: str, direction: str):
         self.listener = listener
@@ -125,6 +125,8 @@ class Tracked:
         self.serial: int | None = None
         self.scope = trio.CancelScope()
         self.revoked_detail: str | None = None
+        self.idle_detail: str | None = None
+        self.link: Link | None = None  # set while relaying
 
 
 class Sidecar:
@@ -180,6 +182,7 @@ class Sidecar:
 
                         root.start_soon(serve_admin, admin_sock, self)
                     root.start_soon(self._watch_files)
+                    root.start_soon(self._reap_idle)
                     if gen.config.identity.renew is not None:
                         from proxy.renew import Renewer
 
@@ -371,10 +374,9 @@ class Sidecar:
                 if lst.proxy_protocol:
                     header = v2_header(addr, sock.getsockname(), str(check.peer_id))
                     try:
-                        await send_plain(plain, memoryview(header), Link(gen.config.timeouts.connect))
-                    except (Reset, Idle) as exc:
-                        detail = f"app side: {exc.detail}" if isinstance(exc, Reset) else "app took no PROXY header"
-                        self._closed(tracked, peer_addr, Link(), started, "reset", detail)
+                        await send_plain(plain, memoryview(header))
+                    except Reset as exc:
+                        self._closed(tracked, peer_addr, Link(), started, "reset", f"app side: {exc.detail}")
                         abort = True
                         return
                 await self._relay(tracked, tls, plain, peer_addr, started, gen, app=lst.forward)
@@ -431,12 +433,10 @@ class Sidecar:
     async def _relay(self, tracked, tls, plain, peer_addr, started, gen, app=None) -> None:
         """Relay and log the closing line. ``app`` (inbound only) is the app's address: an app that
         resets the connection before sending a single byte never served it (upstream_unreachable)."""
-        link = Link(gen.config.timeouts.idle)
+        link = tracked.link = Link()
         reason = detail = None
         try:
-            reason = await relay(tls, plain, link)
-            if reason == policy.IDLE_TIMEOUT:
-                detail = f"no bytes either way for {gen.config.timeouts.idle:g}s"
+            await relay(tls, plain, link)
         except Reset as exc:
             reason, detail = "reset", f"{exc.side} side: {exc.detail}"
             if exc.side == "tls" and exc.detail.startswith("remote sent alert") and not link.bytes_in:
@@ -450,6 +450,8 @@ class Sidecar:
         finally:
             if tracked.revoked_detail is not None:
                 reason, detail = policy.POLICY_REVOKED, tracked.revoked_detail
+            elif tracked.idle_detail is not None:
+                reason, detail = policy.IDLE_TIMEOUT, tracked.idle_detail
             elif tracked.scope.cancel_called and reason is None and self.draining:
                 detail = "drain timeout reached"
             self._closed(tracked, peer_addr, link, started, reason, detail)
@@ -522,6 +524,22 @@ class Sidecar:
             if detail is not None:
                 tracked.revoked_detail = detail
                 tracked.scope.cancel()
+
+    async def _reap_idle(self) -> None:
+        """Close relayed connections that moved no byte either way for ``timeouts.idle``.
+
+        One task looks at every open connection now and then, instead of a timer per connection:
+        timing each wait would cost the data path more than the work it guards.
+        """
+        while True:
+            idle = self.generation.config.timeouts.idle
+            await trio.sleep(max(0.05, min(1.0, idle / 10)))
+            now = trio.current_time()
+            for tracked in list(self.open):
+                link = tracked.link
+                if link is not None and now - link.last_activity >= idle and tracked.idle_detail is None:
+                    tracked.idle_detail = f"no bytes either way for {idle:g}s"
+                    tracked.scope.cancel()
 
     def _stamp_files(self, gen: Generation) -> dict[Path, tuple]:
         ident = gen.config.identity

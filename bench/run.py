@@ -1,0 +1,311 @@
+"""`make bench`: a pair of our sidecars beside stunnel and haproxy pairs, on loopback, with a table.
+
+    load generator -> [client side: plaintext in, mTLS out] -> [server side: mTLS in, plaintext out] -> backend
+
+Figures: bulk MB/s (1 and 8 connections, into a discard sink), new connections/s with a full mTLS
+handshake each (wrk, Connection: close), request/reply latency and rate on keep-alive connections
+(wrk --latency), RSS per idle connection (1000 held through the pair), and the proxies' CPU time.
+Each round starts every system afresh; figures are medians over rounds. Results (table, raw JSON,
+configs, logs) go to bench/results/<timestamp>/. It is a benchmark, not a test: see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import figures
+import report
+from procs import Child, raise_open_files
+from systems import SYSTEMS, HttpBackend, Pair, Sink, make_identities, tool
+
+BENCH_DIR = Path(__file__).resolve().parent
+SECTIONS = ("bulk", "conn", "latency", "memory")
+PEERS = ("stunnel", "haproxy", "direct")
+APT_PACKAGES = {"wrk": ["wrk"], "stunnel4": ["stunnel4"], "haproxy": ["haproxy"], "nginx": ["nginx-light", "nginx"]}
+FULL = {"bulk_bytes": 1 << 30, "bulk_cap_s": 30, "conn_s": 10, "latency_s": 8, "idle_conns": 1000, "rounds": 3}
+QUICK = {"bulk_bytes": 1 << 28, "bulk_cap_s": 15, "conn_s": 3, "latency_s": 3, "idle_conns": 1000, "rounds": 1}
+
+
+def say(text: str) -> None:
+    print(time.strftime("%H:%M:%S"), text, file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller amounts (256 MiB bulk, 3 s wrk runs), 1 round")
+    parser.add_argument("--rounds", type=int, help="rounds; figures are medians (default 3, --quick 1)")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help="comma list of stunnel, haproxy, direct (no proxy: the load generator's and "
+                             "backend's own ceiling); 'none' for our pair alone (default: all)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--no-install", action="store_true", help="never run apt-get, use what is installed")
+    parser.add_argument("--out", type=Path, help="results directory (default: bench/results/<timestamp>)")
+    args = parser.parse_args(argv)
+    args.peers = [] if args.peers == "none" else [p for p in args.peers.split(",") if p]
+    args.only = [s for s in args.only.split(",") if s]
+    for name in args.peers:
+        if name not in PEERS:
+            parser.error(f"--peers: unknown peer {name!r}; choose from {', '.join(PEERS)}")
+    for name in args.only:
+        if name not in SECTIONS:
+            parser.error(f"--only: unknown figure {name!r}; choose from {', '.join(SECTIONS)}")
+    return args
+
+
+def install_missing(programs: list[str], allowed: bool, log_path: Path) -> list[str]:
+    """apt-get install the packages of missing programs when we are root and may; return notes."""
+    missing = [p for p in programs if not tool(p)]
+    if not missing:
+        return []
+    if not allowed:
+        return [f"not installing {', '.join(missing)} (--no-install)"]
+    if os.geteuid() != 0 or not tool("apt-get"):
+        return [f"cannot install {', '.join(missing)}: needs root and apt-get"]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    notes = []
+    with open(log_path, "ab") as log:
+        say(f"installing {', '.join(missing)} with apt-get (log: {log_path})")
+        subprocess.run(["apt-get", "update", "-q"], stdout=log, stderr=log, env=env, timeout=600)
+        for program in missing:
+            for package in APT_PACKAGES[program]:
+                done = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", package],
+                                      stdout=log, stderr=log, env=env, timeout=600)
+                if done.returncode == 0 and tool(program):
+                    notes.append(f"installed {package}")
+                    break
+            else:
+                notes.append(f"could not install {program} (see {log_path})")
+    return notes
+
+
+def programs_needed(args) -> list[str]:
+    needed = []
+    if {"conn", "latency"} & set(args.only):
+        needed += ["wrk", "nginx"]
+    elif "memory" in args.only:
+        needed.append("nginx")
+    return needed + [{"stunnel": "stunnel4", "haproxy": "haproxy"}[p] for p in args.peers if p != "direct"]
+
+
+class Bench:
+    """One run: the systems, the backends, and everything measured so far."""
+
+    def __init__(self, args, out: Path, workdir: Path):
+        self.args = args
+        self.amounts = dict(QUICK if args.quick else FULL)
+        if args.rounds:
+            self.amounts["rounds"] = args.rounds
+        self.out = out
+        self.logdir = out / "logs"
+        self.confdir = out / "configs"
+        self.workdir = workdir
+        self.notes: list[str] = []
+        self.measurements: list[dict] = []
+        self.pairs: list[dict] = []
+        self.systems: list = []
+        self.versions: dict[str, str] = {}
+        self.source = "unknown"
+        self.sections = list(args.only)
+
+    def prepare(self) -> None:
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.confdir.mkdir(parents=True, exist_ok=True)
+        self.notes += install_missing(programs_needed(self.args), not self.args.no_install, self.logdir / "apt.log")
+        if not tool("wrk"):
+            dropped = [s for s in ("conn", "latency") if s in self.sections]
+            if dropped:
+                self.notes.append(f"wrk is not installed: skipped {', '.join(dropped)}")
+                self.sections = [s for s in self.sections if s not in dropped]
+        for name in ["ours", *self.args.peers]:
+            system = SYSTEMS[name]()
+            if system.available():
+                self.systems.append(system)
+            else:
+                self.notes.append(f"{name} is not installed: no {name} column")
+        self.versions.update({s.name: s.version() for s in self.systems})
+        self.source = _source_state()
+        say("systems: " + "; ".join(f"{k}: {v}" for k, v in self.versions.items()))
+        self.identities = make_identities(self.workdir)
+        self.sink = Sink(self.logdir) if "bulk" in self.sections else None
+        self.http = HttpBackend(self.confdir, self.logdir) if set(self.sections) - {"bulk"} else None
+        if self.http:
+            self.versions["http backend"] = self.http.kind
+            if self.http.is_python:
+                self.notes.append("nginx is not installed: the HTTP backend is one Python thread, which may be the "
+                                  "bottleneck of the conn and latency figures (compare the direct column)")
+
+    def run(self) -> None:
+        rounds = self.amounts["rounds"]
+        for number in range(1, rounds + 1):
+            shift = (number - 1) % len(self.systems)
+            for system in self.systems[shift:] + self.systems[:shift]:
+                say(f"round {number}/{rounds}: {system.name}")
+                try:
+                    self.run_system(system, number)
+                except (RuntimeError, OSError) as exc:
+                    self.notes.append(f"round {number}, {system.name}: failed: {exc}")
+                    say(f"  FAILED: {exc}")
+
+    def record(self, system, number: int, kind: str, result: dict) -> None:
+        self.measurements.append({"round": number, "system": system.name, "kind": kind, "result": result})
+        shown = {k: result.get(k) for k in ("MBps", "complete", "rate_per_s", "p50_us", "errors", "KiB_per_conn", "held")
+                 if k in result}
+        say(f"  {kind}: {json.dumps(shown)}")
+
+    def run_system(self, system, number: int) -> None:
+        amounts = self.amounts
+        if self.sink:
+            pair = Pair(system, self.identities, self.sink.port, self.confdir, self.logdir, f"r{number}-bulk")
+            try:
+                figures.bulk(pair, self.sink, 1, 32 << 20, amounts["bulk_cap_s"], self.logdir)  # warm-up
+                for conns in (1, 8):
+                    result = figures.bulk(pair, self.sink, conns, amounts["bulk_bytes"], amounts["bulk_cap_s"], self.logdir)
+                    self.record(system, number, f"bulk_{conns}", result)
+            finally:
+                self.finish_pair(pair, number, "bulk")
+        if self.http:
+            pair = Pair(system, self.identities, self.http.port, self.confdir, self.logdir, f"r{number}-http")
+            try:
+                self.run_http(pair, system, number)
+            finally:
+                self.finish_pair(pair, number, "http")
+
+    def run_http(self, pair: Pair, system, number: int) -> None:
+        """Memory first, while the processes are fresh; then keep-alive latency; then new connections."""
+        amounts, backend = self.amounts, self.http.child
+        if "memory" in self.sections and pair.sides:
+            self.record(system, number, "memory", figures.memory(pair, amounts["idle_conns"], self.logdir))
+        if {"conn", "latency"} & set(self.sections):
+            figures.wrk(pair, backend, 4, 1, False, self.logdir)  # warm-up
+        if "latency" in self.sections:
+            for conns in (1, 32):
+                result = figures.wrk(pair, backend, conns, amounts["latency_s"], False, self.logdir)
+                self.record(system, number, f"latency_{conns}", result)
+                time.sleep(1)  # let the last connections close
+        if "conn" in self.sections:
+            for conns in (16, 64):
+                result = figures.wrk(pair, backend, conns, amounts["conn_s"], True, self.logdir)
+                self.record(system, number, f"conn_{conns}", result)
+                time.sleep(1)
+
+    def finish_pair(self, pair: Pair, number: int, use: str) -> None:
+        """Record how the pair's processes ended up: RSS, our counters, exit codes, log lines."""
+        if not pair.sides:
+            return
+        state = {"round": number, "system": pair.system.name, "pair": use,
+                 "rss_end_KiB": {role: c.rss_kib() for role, c in pair.children().items()},
+                 "metrics": pair.metrics_when_idle()}
+        state["stop"] = pair.stop()
+        self.pairs.append(state)
+
+    def write(self, interrupted: bool) -> str:
+        """Write results.md and results.json; return the markdown."""
+        names = [s.name for s in self.systems]
+        peers = [n for n in names if n not in report.PEERS_NOT_COMPARED]
+        summary = report.medians(self.measurements, names)
+        problems = report.problems(self.measurements, self.pairs)
+        settings = self.amounts | {"quick": self.args.quick, "sections": self.sections}
+        machine = f"{os.cpu_count()} CPUs, {_cpu_model()}, Linux {platform.release()}"
+        text = "\n".join([
+            f"# mtls-sidecar benchmark, {self.out.name}" + (" (INTERRUPTED: partial)" if interrupted else ""),
+            "",
+            f"Machine: {machine}. Loopback only; load generator, both proxies and backend share the CPUs.",
+            f"Source: {self.source}.",
+            f"Settings: {json.dumps(settings)}. Figures are medians of {self.amounts['rounds']} round(s).",
+            "",
+            report.table(summary, names),
+            "",
+            "ours / best peer: the best of " + (", ".join(peers) or "no peer")
+            + "; above 1 is better where higher is better, worse where lower is better. "
+            "direct = no proxy at all (the ceiling of the load generator and backend).",
+            "",
+            "Versions: " + "; ".join(f"{k}: {v}" for k, v in self.versions.items()),
+            "Our sidecar prefers TLS_AES_128_GCM_SHA256 and checks the peer's SPIFFE ID against the port's rule; "
+            "stunnel and haproxy use OpenSSL's default order (TLS_AES_256_GCM_SHA384) and verify the chain only. "
+            "haproxy runs one thread per CPU, stunnel one thread per connection, our sidecar one event loop in one thread.",
+            "",
+            "## Notes",
+            "",
+            *(f"- {note}" for note in self.notes + problems),
+            *(["- none"] if not self.notes + problems else []),
+        ]) + "\n"
+        (self.out / "results.md").write_text(text)
+        (self.out / "results.json").write_text(json.dumps({
+            "argv": sys.argv, "source": self.source, "machine": machine, "settings": settings, "versions": self.versions,
+            "interrupted": interrupted, "summary": summary, "notes": self.notes, "problems": problems,
+            "measurements": self.measurements, "pairs": self.pairs,
+        }, indent=1) + "\n")
+        return text
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _source_state() -> str:
+    """The commit measured, and whether proxy/ or ca/ differ from it (git only reads: no index lock)."""
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", "-C", str(BENCH_DIR.parent), *args], capture_output=True, text=True,
+                                  timeout=30, env=env)
+        except OSError:
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--", "proxy", "ca")
+    if not changed:
+        return commit
+    return f"{commit} with uncommitted changes in {len(changed.splitlines())} file(s) of proxy/ and ca/"
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out or BENCH_DIR / "results" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # Ctrl-C already raises KeyboardInterrupt
+        if signal.getsignal(signum) != signal.SIG_IGN:  # keep nohup's choice
+            signal.signal(signum, _exit_on_signal)
+    say(f"open-files limit: {raise_open_files()}; results in {out}")
+    workdir = Path(tempfile.mkdtemp(prefix="mtls-bench-"))  # the CA and keys; removed at the end
+    bench = Bench(args, out, workdir)
+    interrupted = True
+    try:
+        bench.prepare()
+        bench.run()
+        interrupted = False
+    except KeyboardInterrupt:
+        say("interrupted: stopping every process we started")
+    finally:
+        Child.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+        if bench.measurements or not interrupted:
+            print(bench.write(interrupted))
+            say(f"written: {out / 'results.md'}, {out / 'results.json'}")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
