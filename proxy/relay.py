@@ -116,16 +116,27 @@ def _tls_failure(conn: SSL.Connection, result: int) -> Exception:
 
 
 async def _send_tls(tls: TlsSocket, length: int) -> None:
-    """Encrypt and write the first ``length`` bytes of the scratch buffer to the TLS peer."""
+    """Encrypt and write the first ``length`` bytes of the scratch buffer to the TLS peer.
+
+    With SSL_MODE_ENABLE_PARTIAL_WRITE (pyOpenSSL's default) each SSL_write sends one record, so
+    we advance an offset instead of slicing. Only when the socket is full is the unsent rest
+    copied out of the shared scratch buffer, once, before we await.
+    """
     ssl = tls.conn._ssl
-    result = _lib.SSL_write(ssl, _scratch_ptr, length)
-    if result == length:
-        return
-    # Partial write or would-block: keep the rest in a private buffer before awaiting. OpenSSL
-    # accepts a moved buffer with the same content (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER).
-    rest = bytes(_scratch_view[max(result, 0) : length])
-    while True:
+    offset = 0
+    while offset < length:
+        result = _lib.SSL_write(ssl, _scratch_ptr + offset, length - offset)
         if result <= 0:
+            break
+        offset += result
+    else:
+        return
+    rest = bytes(_scratch_view[offset:length])
+    sent = 0
+    # OpenSSL accepts the retry from a moved buffer with the same content
+    # (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, also a pyOpenSSL default).
+    with _ffi.from_buffer(rest) as base:
+        while True:
             error = _lib.SSL_get_error(ssl, result)
             if error == _WANT_WRITE:
                 await trio.lowlevel.wait_writable(tls.sock)
@@ -133,12 +144,13 @@ async def _send_tls(tls: TlsSocket, length: int) -> None:
                 await trio.lowlevel.wait_readable(tls.sock)
             else:
                 raise Reset("tls", ssl_error_text(_tls_failure(tls.conn, result))) from None
-        with _ffi.from_buffer(rest) as pointer:
-            result = _lib.SSL_write(ssl, pointer, len(rest))
-        if result == len(rest):
-            return
-        if result > 0:
-            rest = rest[result:]
+            while sent < len(rest):
+                result = _lib.SSL_write(ssl, base + sent, len(rest) - sent)
+                if result <= 0:
+                    break
+                sent += result
+            else:
+                return
 
 
 async def _pump_tls_to_plain(tls: TlsSocket, plain: socket.socket, link: Link, failures: list, scope) -> None:
