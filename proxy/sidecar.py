@@ -41,7 +41,7 @@ from proxy.identity import CLIENT, SERVER, SpiffeId
 from proxy.metrics import Metrics
 from proxy.netutil import bound_address, close_socket, connect, listen_socket
 from proxy.proxy_protocol import v2_header
-from proxy.relay import Link, Reset, abort_socket, relay, send_plain
+from proxy.relay import Link, Reactor, Reset, abort_socket, relay, send_plain
 from proxy.tls import PeerCheck, TlsContexts, build_contexts, session_lifetime
 
 INBOUND = "inbound"
@@ -139,6 +139,7 @@ class Sidecar:
         self.bound: dict[str, str] = {}  # listener name -> bound address
         self.listen_sockets: dict[str, socket.socket] = {}
         self.draining = False
+        self.reactor = Reactor()  # the data phase of every relayed connection (proxy/relay.py)
         self._idle = trio.Event()
         self.renewer = None  # a proxy.renew.Renewer while identity.renew is set (started by serve)
         self._file_stamps = self._stamp_files(generation)
@@ -183,6 +184,7 @@ class Sidecar:
                         root.start_soon(serve_admin, admin_sock, self)
                     root.start_soon(self._watch_files)
                     root.start_soon(self._reap_idle)
+                    root.start_soon(self.reactor.run)
                     if gen.config.identity.renew is not None:
                         from proxy.renew import Renewer
 
@@ -436,7 +438,7 @@ class Sidecar:
         link = tracked.link = Link()
         reason = detail = None
         try:
-            await relay(tls, plain, link)
+            await relay(self.reactor, tls, plain, link)
         except Reset as exc:
             reason, detail = "reset", f"{exc.side} side: {exc.detail}"
             if exc.side == "tls" and exc.detail.startswith("remote sent alert") and not link.bytes_in:
