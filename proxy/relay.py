@@ -3,20 +3,19 @@
 Theory of operation
 -------------------
 Once a connection is authorized, its two sockets leave trio's scheduler for the data phase: they
-are registered, edge-triggered and once, in the ``Reactor``'s own epoll set, and a single trio task
-(the reactor) waits on that set's file descriptor. When the kernel reports activity, the reactor
-calls ``Relay.step`` for each connection concerned, which moves bytes in both directions until
-every socket would block. A request/reply then costs one epoll wakeup and a few system calls per
-side, not two task switches and an epoll registration per wait, which is what trio's per-socket
-waits cost (and what dominated a round trip through the sidecar).
+join the ``Reactor``'s own epoll set, and a single trio task (the reactor) waits on that set's file
+descriptor. When the kernel reports activity, the reactor calls ``Relay.step`` for the connection
+concerned, which moves bytes in the direction that has news. One reactor wakeup serves every
+connection that is ready, instead of a task switch and an epoll registration per socket wait.
 
 ``step`` reads into one module-wide scratch buffer and writes it out without awaiting anything,
 so the buffer is never shared mid-use and an idle connection holds no buffer at all. Only when the
 destination cannot take everything is the rest copied into a private ``bytes``; that direction
-reads nothing more until it is sent, so memory per connection is bounded by one scratch-sized
-chunk however slow the reader is. With edge-triggered events a socket must be drained until it
-would block, or the connection goes back on the reactor's ready list (that is also how a busy
-connection yields after a burst, so one bulk transfer cannot starve the others).
+reads nothing more until it is sent (its source socket leaves the epoll set meanwhile), so memory
+per connection is bounded by one scratch-sized chunk however slow the reader is. The set is
+level-triggered, so a step may stop before a socket would block: it stops after a short read (the
+sender flushed; epoll reports anything newer) or after a burst of chunks, after which a busy
+connection goes back on the ready list and the others get their turn.
 
 End of stream is forwarded as a half-close: a close_notify from the TLS peer becomes
 ``shutdown(SHUT_WR)`` on the plaintext socket, and a plaintext EOF becomes our close_notify plus
@@ -31,6 +30,7 @@ before it returns, however it ends (cancellation included); it never closes them
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import struct
@@ -117,16 +117,23 @@ def _tls_failure(conn: SSL.Connection, result: int) -> Exception:
     return SSL.SysCallError(-1, "Unexpected EOF")
 
 
-# Edge-triggered: one registration per socket for the whole data phase.
-_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_OUT = select.EPOLLOUT
 _BURST = 16  # chunks per direction per step before a busy connection lets the others run
+_FULL_RECORD = 16384  # a shorter TLS record means the sender flushed: the socket is likely empty
 
 
 class Relay:
-    """The copy state of one connection, advanced by ``step`` whenever its sockets have news."""
+    """The copy state of one connection, advanced by ``step`` whenever its sockets have news.
+
+    Level-triggered: a socket is watched for input only while its direction can take more (so a
+    slow reader stops us reading from the fast writer: backpressure), and for output only while
+    bytes wait for it.
+    """
 
     __slots__ = (
         "tls", "ssl", "plain", "link", "to_plain", "to_tls", "tls_done", "plain_done", "failure", "finished",
+        "tls_fd", "plain_fd", "masks", "read_wants_write",
     )
 
     def __init__(self, tls: TlsSocket, plain: socket.socket, link: Link):
@@ -134,17 +141,38 @@ class Relay:
         self.ssl = tls.conn._ssl
         self.plain = plain
         self.link = link
+        self.tls_fd = tls.sock.fileno()
+        self.plain_fd = plain.fileno()
         self.to_plain = b""  # decrypted bytes the app could not take yet
         self.to_tls = b""  # app bytes OpenSSL could not write yet
         self.tls_done = False  # the peer's close_notify has been forwarded as a FIN to the app
         self.plain_done = False  # the app's FIN has been forwarded as our close_notify
         self.failure: Reset | None = None
         self.finished = trio.Event()
+        self.masks = {self.tls_fd: 0, self.plain_fd: 0}  # 0: not in the epoll set
+        self.read_wants_write = False  # SSL_read must send something first (a TLS 1.3 KeyUpdate reply)
 
-    def step(self) -> bool:
-        """Move bytes both ways until everything would block. True if it stopped for fairness."""
+    def wanted(self) -> dict[int, int]:
+        """The epoll interest of each socket, from the state of the two directions."""
+        tls = plain = 0
+        if not self.tls_done and not self.to_plain:
+            tls |= _IN
+        if self.to_tls or self.read_wants_write:
+            tls |= _OUT
+        if not self.plain_done and not self.to_tls:
+            plain |= _IN
+        if self.to_plain:
+            plain |= _OUT
+        return {self.tls_fd: tls, self.plain_fd: plain}
+
+    def step(self, fd: int | None = None) -> bool:
+        """Move bytes where ``fd`` (None: both sockets) has news. True if it stopped for fairness."""
         try:
-            more = self._tls_to_plain() | self._plain_to_tls()
+            more = False
+            if fd is None or fd == self.tls_fd or self.to_plain:
+                more |= self._tls_to_plain()
+            if fd is None or fd == self.plain_fd or self.to_tls:
+                more |= self._plain_to_tls()
         except Reset as exc:
             self.failure = exc
             more = False
@@ -164,6 +192,7 @@ class Relay:
         return not self.to_plain
 
     def _tls_to_plain(self) -> bool:
+        self.read_wants_write = False
         if self.tls_done or (self.to_plain and not self._flush_to_plain()):
             return False
         ssl = self.ssl
@@ -175,6 +204,8 @@ class Relay:
                 if result <= 0:
                     break
                 filled += result
+                if result < _FULL_RECORD and not _lib.SSL_pending(ssl):
+                    break  # level-triggered: if more arrived, epoll says so again
             if filled:
                 self.link.bytes_in += filled
                 self.link.last_activity = trio.current_time()
@@ -188,9 +219,14 @@ class Relay:
                     self.to_plain = bytes(_scratch_view[sent:filled])
                     return False
             if result > 0:
+                if result < _FULL_RECORD:
+                    return False
                 continue
             error = _lib.SSL_get_error(ssl, result)
-            if error in (_WANT_READ, _WANT_WRITE):
+            if error == _WANT_READ:
+                return False
+            if error == _WANT_WRITE:
+                self.read_wants_write = True
                 return False
             exc = _tls_failure(self.tls.conn, result)
             if isinstance(exc, SSL.ZeroReturnError):
@@ -247,33 +283,60 @@ class Relay:
             if written < n:
                 self.to_tls = bytes(_scratch_view[written:n])
                 return False
+            if n < SCRATCH_SIZE:
+                return False  # the socket is drained; level-triggered epoll reports new bytes
         return True
 
 
 class Reactor:
-    """One epoll set for the data phase of every relayed connection, served by one trio task."""
+    """One level-triggered epoll set for the data phase of every relayed connection, served by one trio task."""
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._by_fd: dict[int, Relay] = {}
         self._ready: list[Relay] = []
+        # Wakes the reactor when work appears from outside its loop (a busy new connection).
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wakeup, select.EPOLLIN)
 
     def add(self, relay: Relay) -> None:
-        for sock in (relay.tls.sock, relay.plain):
-            fd = sock.fileno()
-            self._epoll.register(fd, _EVENTS)
+        """Start relaying: a first step now (bytes may already wait in OpenSSL or the socket)."""
+        for fd in (relay.tls_fd, relay.plain_fd):
             self._by_fd[fd] = relay
-        self._ready.append(relay)  # edge-triggered: bytes that arrived before registering need a look
+        self._run_step(relay, None)
+        if self._ready:
+            os.eventfd_write(self._wakeup, 1)
 
     def remove(self, relay: Relay) -> None:
-        for sock in (relay.tls.sock, relay.plain):
-            fd = sock.fileno()
+        for fd in (relay.tls_fd, relay.plain_fd):
             if self._by_fd.get(fd) is relay:
                 del self._by_fd[fd]
-                try:
+                if relay.masks[fd]:
+                    relay.masks[fd] = 0
                     self._epoll.unregister(fd)
-                except OSError:
-                    pass
+
+    def _rearm(self, relay: Relay) -> None:
+        """Watch exactly what the relay wants. A socket wanted for nothing leaves the set, so that
+        a hang-up or error on it cannot wake us again and again (epoll always reports those)."""
+        for fd, mask in relay.wanted().items():
+            current = relay.masks[fd]
+            if current == mask:
+                continue
+            relay.masks[fd] = mask
+            if not mask:
+                self._epoll.unregister(fd)
+            elif not current:
+                self._epoll.register(fd, mask)
+            else:
+                self._epoll.modify(fd, mask)
+
+    def _run_step(self, relay: Relay, fd: int | None) -> None:
+        if relay.finished.is_set():
+            return
+        if relay.step(fd):
+            self._ready.append(relay)
+        if not relay.finished.is_set():
+            self._rearm(relay)
 
     async def run(self) -> None:
         """Serve events until cancelled. Never raises on a connection's behalf: ``step`` records it."""
@@ -283,17 +346,19 @@ class Reactor:
                     await trio.lowlevel.checkpoint()
                 else:
                     await trio.lowlevel.wait_readable(self._epoll.fileno())
-                due = {id(r): r for r in self._ready}
-                self._ready.clear()
+                ready, self._ready = self._ready, []
+                for relay in ready:
+                    self._run_step(relay, None)
                 for fd, _events in self._epoll.poll(0):
+                    if fd == self._wakeup:
+                        os.eventfd_read(self._wakeup)
+                        continue
                     relay = self._by_fd.get(fd)
                     if relay is not None:
-                        due[id(relay)] = relay
-                for relay in due.values():
-                    if not relay.finished.is_set() and relay.step():
-                        self._ready.append(relay)
+                        self._run_step(relay, fd)
         finally:
             self._epoll.close()
+            os.close(self._wakeup)
 
 
 def send_close_notify(tls: TlsSocket) -> None:
