@@ -172,10 +172,10 @@ def _base_context(creds, verify_mode: int, *, tickets: bool = False) -> SSL.Cont
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
-    ctx.use_certificate(crypto.X509.from_cryptography(creds.cert_chain[0]))
+    ctx.use_certificate(creds.cert_chain[0])
     for intermediate in creds.cert_chain[1:]:
-        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(intermediate))
-    ctx.use_privatekey(crypto.PKey.from_cryptography_key(creds.key))
+        ctx.add_extra_chain_cert(intermediate)
+    ctx.use_privatekey(creds.key)
     ctx.check_privatekey()
     store = ctx.get_cert_store()
     for root in creds.bundle:
