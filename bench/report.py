@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-PEERS_NOT_COMPARED = {"ours", "direct"}
+PEERS_NOT_COMPARED = {"ours", "ours-resumed", "direct"}
 
 # (figure id, label, which way is better, decimals)
 ROWS = [

@@ -30,7 +30,7 @@ from systems import SYSTEMS, HttpBackend, Pair, Sink, make_identities, tool
 
 BENCH_DIR = Path(__file__).resolve().parent
 SECTIONS = ("bulk", "conn", "latency", "memory")
-PEERS = ("stunnel", "haproxy", "direct")
+PEERS = ("stunnel", "haproxy", "direct", "ours-resumed")
 APT_PACKAGES = {"wrk": ["wrk"], "stunnel4": ["stunnel4"], "haproxy": ["haproxy"], "nginx": ["nginx-light", "nginx"]}
 FULL = {"bulk_bytes": 1 << 30, "bulk_cap_s": 30, "conn_s": 10, "latency_s": 8, "idle_conns": 1000, "rounds": 3}
 QUICK = {"bulk_bytes": 1 << 28, "bulk_cap_s": 15, "conn_s": 3, "latency_s": 3, "idle_conns": 1000, "rounds": 1}
@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds; figures are medians (default 3, --quick 1)")
     parser.add_argument("--peers", default=",".join(PEERS),
                         help="comma list of stunnel, haproxy, direct (no proxy: the load generator's and "
-                             "backend's own ceiling); 'none' for our pair alone (default: all)")
+                             "backend's own ceiling), ours-resumed (our pair with TLS session resumption); "
+                             "'none' for our pair alone (default: all)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--no-install", action="store_true", help="never run apt-get, use what is installed")
     parser.add_argument("--out", type=Path, help="results directory (default: bench/results/<timestamp>)")
@@ -94,7 +95,7 @@ def programs_needed(args) -> list[str]:
         needed += ["wrk", "nginx"]
     elif "memory" in args.only:
         needed.append("nginx")
-    return needed + [{"stunnel": "stunnel4", "haproxy": "haproxy"}[p] for p in args.peers if p != "direct"]
+    return needed + [{"stunnel": "stunnel4", "haproxy": "haproxy"}[p] for p in args.peers if p in ("stunnel", "haproxy")]
 
 
 class Bench:

@@ -93,6 +93,8 @@ class Ours:
                            "from OpenSSL import SSL; print(SSL.SSLeay_version(SSL.SSLEAY_VERSION).decode())"])
         return f"mtls-sidecar {proxy.split()[-1]}, {tls}, Python {sys.version.split()[0]}"
 
+    extra = ""  # more config lines (see OursResumed)
+
     def _config(self, path: Path, ident: Identity, listeners: str) -> Side:
         admin_port = free_port()
         path.write_text(
@@ -102,20 +104,29 @@ class Ours:
             "timeouts: {drain: 5s}\n"
             "limits: {max_connections: 20000}\n"
             "log: {level: warning, format: json}\n"
+            f"{self.extra}"
         )
         return Side([sys.executable, "-m", "proxy", "run", "-c", str(path)], admin_port)
 
     def client(self, ident: Identity, listen: int, connect: int, workdir: Path) -> Side:
-        return self._config(workdir / "ours-client.yaml", ident, (
+        return self._config(workdir / f"{self.name}-client.yaml", ident, (
             "outbound:\n"
             f"  - {{name: bench, listen: 127.0.0.1:{listen}, connect: 127.0.0.1:{connect}, expect: [{SERVER_ID}]}}\n"
         ))
 
     def server(self, ident: Identity, listen: int, forward: int, workdir: Path) -> Side:
-        return self._config(workdir / "ours-server.yaml", ident, (
+        return self._config(workdir / f"{self.name}-server.yaml", ident, (
             "inbound:\n"
             f"  - {{name: bench, listen: 127.0.0.1:{listen}, forward: 127.0.0.1:{forward}, allow: [{CLIENT_ID}]}}\n"
         ))
+
+
+class OursResumed(Ours):
+    """Our pair with TLS 1.3 session resumption between the two sidecars (policy still checked on
+    every connection). Not a peer: the "best peer" ratio never compares against it."""
+
+    name = "ours-resumed"
+    extra = "tls: {session_resumption: true}\n"
 
 
 class Stunnel:
@@ -203,7 +214,7 @@ class Direct:
         return "no proxy, no TLS"
 
 
-SYSTEMS = {cls.name: cls for cls in (Ours, Stunnel, Haproxy, Direct)}
+SYSTEMS = {cls.name: cls for cls in (Ours, OursResumed, Stunnel, Haproxy, Direct)}
 
 
 class Pair:
