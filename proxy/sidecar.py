@@ -139,7 +139,7 @@ class Sidecar:
         self.bound: dict[str, str] = {}  # listener name -> bound address
         self.listen_sockets: dict[str, socket.socket] = {}
         self.draining = False
-        self.reactor = Reactor()  # the data phase of every relayed connection (proxy/relay.py)
+        self.reactor: Reactor | None = None  # the data phase of every relayed connection, while serving
         self._idle = trio.Event()
         self.renewer = None  # a proxy.renew.Renewer while identity.renew is set (started by serve)
         self._file_stamps = self._stamp_files(generation)
@@ -169,6 +169,7 @@ class Sidecar:
 
     async def serve(self, admin_sock: socket.socket | None = None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until SIGTERM/SIGINT, then drain. SIGHUP and file changes reload."""
+        self.reactor = Reactor()
         async with trio.open_nursery() as root:
             connections = trio.open_nursery()
             async with connections as conn_nursery:
