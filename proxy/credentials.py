@@ -55,6 +55,14 @@ class FileStamp:
     def of(cls, st: os.stat_result) -> FileStamp:
         return cls(st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
 
+    @classmethod
+    def now(cls, path: Path) -> FileStamp | None:
+        """The file's stamp now (``stat`` follows symlinks, so a Kubernetes ``..data`` swap shows); None if missing."""
+        try:
+            return cls.of(os.stat(path))
+        except OSError:
+            return None
+
 
 @dataclass(frozen=True, eq=False)
 class Credentials:
@@ -166,19 +174,6 @@ def expiry_warnings(
                 f"{_when(crl.next_update_utc)}, {roughly(now - crl.next_update_utc)} ago); fetch a fresh one (ca crl)"
             )
     return warnings
-
-
-def changed_files(creds: Credentials) -> list[Path]:
-    """The identity files whose stamp differs from the one taken at load (a missing file counts)."""
-    changed = []
-    for path, stamp in creds.files.items():
-        try:
-            current = FileStamp.of(os.stat(path))
-        except OSError:
-            current = None
-        if current != stamp:
-            changed.append(path)
-    return changed
 
 
 # --- reading files ----------------------------------------------------------------------------

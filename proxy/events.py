@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from datetime import datetime, timezone
 from typing import TextIO
 
@@ -46,7 +45,3 @@ class EventLog:
             self.stream.flush()
         except (OSError, ValueError):
             pass  # a closed or full stderr must never take the data path down
-
-
-def monotonic() -> float:
-    return time.monotonic()

@@ -34,7 +34,7 @@ from OpenSSL import SSL
 
 from proxy import policy
 from proxy.config import Config, ConfigError, InboundConfig, OutboundConfig, load_config
-from proxy.credentials import CredentialError, Credentials, load_credentials
+from proxy.credentials import CredentialError, Credentials, FileStamp, load_credentials
 from proxy.events import EventLog
 from proxy.handshake import HandshakeFailed, TlsSocket
 from proxy.identity import CLIENT, SERVER, SpiffeId
@@ -544,10 +544,9 @@ class Sidecar:
                     tracked.idle_detail = f"no bytes either way for {idle:g}s"
                     tracked.scope.cancel()
 
-    def _stamp_files(self, gen: Generation) -> dict[Path, tuple]:
-        ident = gen.config.identity
-        paths = [self.config_path, ident.cert, ident.key, ident.bundle] + ([ident.crl] if ident.crl else [])
-        return {Path(p): _stamp(Path(p)) for p in paths}
+    def _stamp_files(self, gen: Generation) -> dict[Path, FileStamp | None]:
+        """The identity files as they were just before they were read, and the config file."""
+        return {**gen.creds.files, self.config_path: FileStamp.now(self.config_path)}
 
     async def _watch_files(self) -> None:
         """Poll the files the config names; reload when any of them changes (symlink swaps included)."""
@@ -555,11 +554,11 @@ class Sidecar:
             await trio.sleep(FILE_POLL_INTERVAL)
             if self.renewer is not None and self.renewer.writing:
                 continue  # key and cert are being swapped; the renewer reloads once both are in place
-            changed = [str(p) for p, stamp in self._file_stamps.items() if _stamp(p) != stamp]
+            changed = [str(p) for p, stamp in self._file_stamps.items() if FileStamp.now(p) != stamp]
             if changed:
                 if not self.reload("file change: " + ", ".join(changed)):
                     # Remember what we saw, so one bad write is reported once, not every poll.
-                    self._file_stamps = {p: _stamp(p) for p in self._file_stamps}
+                    self._file_stamps = {p: FileStamp.now(p) for p in self._file_stamps}
 
     # --- health -----------------------------------------------------------------------------
 
@@ -585,14 +584,6 @@ class Sidecar:
         if self.renewer is not None:
             problems.extend(self.renewer.readiness_problems(now_timestamp))
         return problems
-
-
-def _stamp(path: Path) -> tuple:
-    try:
-        st = path.stat()  # follows symlinks: a Kubernetes ..data swap changes the inode
-    except OSError:
-        return ("missing",)
-    return (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
 
 
 def _format_addr(addr) -> str:

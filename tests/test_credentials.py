@@ -26,7 +26,6 @@ from proxy.config import IdentityConfig
 from proxy.credentials import (
     CredentialError,
     FileStamp,
-    changed_files,
     expiry_warnings,
     load_credentials,
     roughly,
@@ -129,13 +128,17 @@ def test_stamps_every_file_it_read(tmp_path, authority):
     assert all(isinstance(stamp, FileStamp) for stamp in creds.files.values())
 
 
-def test_changed_files_is_empty_when_nothing_changed(tmp_path, authority):
+def changed(creds) -> list:
+    return [path for path, stamp in creds.files.items() if FileStamp.now(path) != stamp]
+
+
+def test_file_stamps_taken_at_load_match_untouched_files(tmp_path, authority):
     creds = load_credentials(good_identity(tmp_path, authority), now=NOW)
 
-    assert changed_files(creds) == []
+    assert changed(creds) == []
 
 
-def test_changed_files_names_a_file_replaced_by_rename(tmp_path, authority):
+def test_file_stamps_notice_a_file_replaced_by_rename(tmp_path, authority):
     identity = good_identity(tmp_path, authority)
     creds = load_credentials(identity, now=NOW)
     replacement = tmp_path / "new-key.pem"
@@ -143,16 +146,16 @@ def test_changed_files_names_a_file_replaced_by_rename(tmp_path, authority):
 
     replacement.replace(identity.key)
 
-    assert changed_files(creds) == [identity.key]
+    assert changed(creds) == [identity.key]
 
 
-def test_changed_files_names_a_file_that_disappeared(tmp_path, authority):
+def test_file_stamps_notice_a_file_that_disappeared(tmp_path, authority):
     identity = good_identity(tmp_path, authority)
     creds = load_credentials(identity, now=NOW)
 
     identity.bundle.unlink()
 
-    assert changed_files(creds) == [identity.bundle]
+    assert changed(creds) == [identity.bundle]
 
 
 # --- files that cannot be read or parsed ------------------------------------------------------
