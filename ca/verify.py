@@ -29,12 +29,9 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from ca.authority import format_serial, format_time
 from proxy.identity import IdPattern, NotSvid, SpiffeId, first_match, svid_id
 
-UNTRUSTED_CA = "untrusted_ca"
-EXPIRED = "expired"
-NOT_YET_VALID = "not_yet_valid"
-REVOKED = "revoked"
-NOT_SVID = "not_svid"
-IDENTITY_NOT_ALLOWED = "identity_not_allowed"
+# The reason codes are the contract's, shared with the sidecar: `ca verify` and a refused handshake agree.
+from proxy.policy import EXPIRED, IDENTITY_NOT_ALLOWED, NOT_SVID, NOT_YET_VALID, REVOKED, UNTRUSTED_CA
+
 
 MAX_INTERMEDIATES = 4
 # Extensions this module understands; any other extension marked critical fails the chain.
