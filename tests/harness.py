@@ -108,24 +108,17 @@ def refused_port() -> tuple[socket.socket, int]:
     return sock, sock.getsockname()[1]
 
 
-class Sidecar:
-    """`proxy run` as a subprocess, its JSON log read back from a file."""
+class LoggedProcess:
+    """A subprocess whose JSON log (stderr) is read back from a file; SIGTERM, then SIGKILL, to stop."""
 
-    def __init__(self, directory: Path, name: str, config: str, env: dict | None = None, *,
-                 prefix: tuple[str, ...] = (), preexec_fn=None):
-        """``prefix`` goes before the command (``("ip", "netns", "exec", NS)``); ``preexec_fn`` runs in
-        the child before exec (e.g. to lower RLIMIT_NOFILE)."""
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config_path = directory / f"{name}.yaml"
-        self.config_path.write_text(config)
-        self.log_path = directory / f"{name}.log"
-        self._log = open(self.log_path, "w")
+    def __init__(self, argv: list[str], log_path: Path, env: dict | None = None, preexec_fn=None):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [*prefix, PY, "-m", "proxy", "run", "-c", str(self.config_path)],
-            stdout=subprocess.DEVNULL, stderr=self._log, env=dict(os.environ, **(env or {})),
+            argv, stdout=subprocess.DEVNULL, stderr=self._log, env=dict(os.environ, **(env or {})),
             preexec_fn=preexec_fn,
         )
-        self.ports: dict[str, int] = {}
+        self.ports: dict[str, int] = {}  # listener name -> port, from the "listening" events
 
     def events(self) -> list[dict]:
         out = []
@@ -136,15 +129,15 @@ class Sidecar:
                 continue
         return out
 
-    def wait_ready(self, timeout: float = DEADLINE) -> "Sidecar":
+    def wait_ready(self, timeout: float = DEADLINE):
         def ready():
             if self.proc.poll() is not None:
-                raise AssertionError(f"sidecar exited {self.proc.returncode}: {self.log_path.read_text()}")
+                raise AssertionError(f"{self.log_path.stem} exited {self.proc.returncode}: {self.log_path.read_text()}")
             return any(e["event"] == "ready" for e in self.events())
 
-        wait_until(ready, timeout, "sidecar ready")
+        wait_until(ready, timeout, f"{self.log_path.stem} ready")
         for e in self.events():
-            if e["event"] == "listening":
+            if e["event"] == "listening" and "listener" in e:
                 self.ports[e["listener"]] = int(e["address"].rsplit(":", 1)[1])
         return self
 
@@ -176,6 +169,20 @@ class Sidecar:
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+
+class Sidecar(LoggedProcess):
+    """`proxy run` as a subprocess, with its config written to ``directory/name.yaml``."""
+
+    def __init__(self, directory: Path, name: str, config: str, env: dict | None = None, *,
+                 prefix: tuple[str, ...] = (), preexec_fn=None):
+        """``prefix`` goes before the command (``("ip", "netns", "exec", NS)``); ``preexec_fn`` runs in
+        the child before exec (e.g. to lower RLIMIT_NOFILE)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config_path = directory / f"{name}.yaml"
+        self.config_path.write_text(config)
+        super().__init__([*prefix, PY, "-m", "proxy", "run", "-c", str(self.config_path)],
+                         directory / f"{name}.log", env, preexec_fn)
 
 
 def identity_yaml(ident: Path, crl: Path | None = None) -> str:

@@ -7,9 +7,7 @@ import base64
 import http.client
 import json
 import os
-import signal
 import ssl
-import subprocess
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,55 +20,25 @@ from cryptography.x509.oid import NameOID
 
 from ca import operations
 from ca.store import StateDir
-from harness import DEADLINE, PY, TD, Forge, issue, other_authority, run_ca, wait_until
+from harness import DEADLINE, PY, TD, Forge, LoggedProcess, issue, other_authority, run_ca, wait_until
 
 WEB = f"spiffe://{TD}/ns/prod/sa/web"
 
 
-class CaService:
+class CaService(LoggedProcess):
     """`ca serve --listen 127.0.0.1:0` as a subprocess; its JSON log read back from a file."""
 
     def __init__(self, ca_dir: Path, log_dir: Path, *extra: str, listen: str = "127.0.0.1:0"):
         self.ca_dir = ca_dir
-        self.log_path = log_dir / f"ca-serve-{os.urandom(3).hex()}.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [PY, "-m", "ca", "serve", "--listen", listen, *extra],
-            stdout=subprocess.DEVNULL, stderr=self._log, env=dict(os.environ, CA_DIR=str(ca_dir)),
-        )
-
-        def ready():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"ca serve exited {self.proc.returncode}: {self.log_path.read_text()}")
-            return next((e for e in self.events() if e["event"] == "ready"), None)
-
-        wait_until(ready, what="ca serve ready")
+        super().__init__([PY, "-m", "ca", "serve", "--listen", listen, *extra],
+                         log_dir / f"ca-serve-{os.urandom(3).hex()}.log", {"CA_DIR": str(ca_dir)})
+        self.wait_ready()
         listening = next(e for e in self.events() if e["event"] == "listening")
         self.port = int(listening["address"].rsplit(":", 1)[1])
         self.url = f"https://127.0.0.1:{self.port}"
 
-    def events(self) -> list[dict]:
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
     def requests(self) -> list[dict]:
         return [e for e in self.events() if e["event"] == "request"]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(DEADLINE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 def post(service: CaService, path: str, body: bytes, *, ident: Path | None = None,
