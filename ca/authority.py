@@ -3,7 +3,7 @@
 The hierarchy is fixed and narrow: a root (``CA:TRUE, pathlen:1``) signs one online intermediate
 (``CA:TRUE, pathlen:0``, name-constrained to the trust domain's URIs), and the intermediate signs
 X.509-SVID leaves and the CRL. Every function takes ``now`` so tests can build certificates that are
-expired or not yet valid without sleeping. Every issued leaf is checked with ``proxy.identity.svid_id``
+expired or not yet valid without sleeping. Every issued leaf is checked with ``mtls.spiffe.svid_id``
 before it is returned, so the CA cannot hand out a certificate the sidecar would refuse.
 """
 
@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca.errors import InputError, Refused
-from proxy.durations import format_duration
-from proxy.identity import InvalidSpiffeId, NotSvid, parse_spiffe_id, svid_id
+from mtls.durations import format_duration, roughly
+from mtls.spiffe import InvalidSpiffeId, NotSvid, parse_spiffe_id, svid_id
 
 PrivateKey = Union[ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, rsa.RSAPrivateKey]
 PublicKey = Union[
@@ -136,15 +136,6 @@ def private_key_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
 
 def certificate_pem(*certs: x509.Certificate) -> bytes:
     return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
-
-
-def _roughly(delta: timedelta) -> str:
-    """A remaining time in whole units, rounded down: ``364d``, ``5h``, ``12m``."""
-    seconds = int(delta.total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= 2 * size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 def _signature_hash(key: PrivateKey) -> hashes.HashAlgorithm | None:
@@ -283,7 +274,7 @@ class Issuer:
             raise Refused(
                 f"a certificate valid for {format_duration(ttl.total_seconds())} would outlive the "
                 f"intermediate CA, which expires at {format_time(ca_expires)} "
-                f"(in {_roughly(ca_expires - now)}); use a shorter TTL"
+                f"(in {roughly(ca_expires - now)}); use a shorter TTL"
             )
         try:
             names = [x509.UniformResourceIdentifier(str(parsed))]

@@ -14,14 +14,20 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Sequence
 
-
 from ca import operations
-from ca.authority import DEFAULT_KEY_TYPE, KEY_TYPES, REVOCATION_REASONS, format_serial, format_time
+from ca.authority import (
+    DEFAULT_KEY_TYPE,
+    KEY_TYPES,
+    REVOCATION_REASONS,
+    format_serial,
+    format_time,
+)
 from ca.errors import CaError, InputError
-from ca.store import BUNDLE, CRL, INTERMEDIATE_CERT, ROOT_CERT, StateDir, write_file_atomically
+from ca.store import BUNDLE, CRL, INTERMEDIATE_CERT, ROOT_CERT, StateDir
 from ca.verify import CrlError, VerifyError, verify_svid_chain
-from proxy.durations import parse_duration
-from proxy.identity import InvalidSpiffeId, parse_pattern
+from mtls.durations import parse_duration
+from mtls.files import write_atomically
+from mtls.spiffe import InvalidSpiffeId, parse_pattern
 
 DEFAULT_DIR = "ca-data"
 
@@ -224,7 +230,7 @@ def _passphrase(args: argparse.Namespace) -> bytes | None:
 
 def _write_output(path: Path, data: bytes) -> None:
     try:
-        write_file_atomically(path, data)
+        write_atomically(path, data)
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror}") from None
 

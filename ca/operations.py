@@ -41,19 +41,17 @@ from ca.store import (
     GENERATIONS,
     INTERMEDIATE_CERT,
     INTERMEDIATE_KEY,
-    KEY_MODE,
-    PUBLIC_MODE,
     ROOT_CERT,
     ROOT_KEY,
     VALID,
     CaGeneration,
     Record,
     StateDir,
-    write_file_atomically,
 )
 from ca.verify import VerifyError, verify_svid_chain
-from proxy.durations import format_duration
-from proxy.identity import (
+from mtls.durations import format_duration
+from mtls.files import KEY_MODE, PUBLIC_MODE, write_atomically
+from mtls.spiffe import (
     CLIENT,
     InvalidSpiffeId,
     NotSvid,
@@ -252,9 +250,9 @@ def issue(
     )
     try:
         if key is not None:
-            write_file_atomically(issued.key_path, private_key_pem(key), mode=KEY_MODE)
-        write_file_atomically(issued.cert_path, certificate_pem(cert, issuer.cert))
-        write_file_atomically(issued.bundle_path, state.file(BUNDLE).read_bytes())
+            write_atomically(issued.key_path, private_key_pem(key), mode=KEY_MODE)
+        write_atomically(issued.cert_path, certificate_pem(cert, issuer.cert))
+        write_atomically(issued.bundle_path, state.file(BUNDLE).read_bytes())
     except OSError as exc:
         raise CaError(
             f"issued serial {format_serial(cert.serial_number)} but could not write {exc.filename}: "
@@ -353,7 +351,7 @@ def rotate(
         archive.mkdir(mode=0o700, parents=True, exist_ok=True)
         for name in CA_FILES:
             mode = KEY_MODE if name.endswith(".key") else PUBLIC_MODE
-            write_file_atomically(archive / name, state.file(name).read_bytes(), mode=mode)
+            write_atomically(archive / name, state.file(name).read_bytes(), mode=mode)
         bundle = [cert for cert in state.bundle_roots() if cert != root] + [root]
         pem = serialization.Encoding.PEM
         for name, data, mode in (
@@ -363,7 +361,7 @@ def rotate(
             (ROOT_CERT, root.public_bytes(pem), PUBLIC_MODE),
             (BUNDLE, certificate_pem(*bundle), PUBLIC_MODE),
         ):
-            write_file_atomically(state.file(name), data, mode=mode)
+            write_atomically(state.file(name), data, mode=mode)
         StateDir.set_meta(db, "generation", str(number + 1))
         StateDir.set_meta(db, "key_type", key_type)
         write_crls(state, db, [Issuer(intermediate, intermediate_key, trust_domain), *old_issuers], now=now)
@@ -435,7 +433,7 @@ def drop_old_roots(state: StateDir, *, now: datetime, force: bool = False, passp
         raise DropRefused(blockers)
     issuer = load_issuer(state, passphrase)  # the one generation left; a wrong passphrase changes nothing
     with state.transaction() as db:
-        write_file_atomically(state.file(BUNDLE), certificate_pem(*kept))
+        write_atomically(state.file(BUNDLE), certificate_pem(*kept))
         write_crls(state, db, [issuer], now=now)
     return Dropped(dropped, kept, blockers)
 
@@ -684,7 +682,7 @@ def write_crls(
         (issuer.cert.public_bytes(pem) if len(issuers) > 1 else b"") + crl.public_bytes(pem)
         for issuer, crl in zip(issuers, crls)
     )
-    write_file_atomically(state.file(CRL), data)
+    write_atomically(state.file(CRL), data)
     return crls
 
 

@@ -55,13 +55,19 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from ca import operations
-from ca.authority import Issuer, certificate_pem, format_serial, format_time, generate_key
+from ca.authority import (
+    Issuer,
+    certificate_pem,
+    format_serial,
+    format_time,
+    generate_key,
+)
 from ca.errors import CaError, InputError, Refused
 from ca.store import BUNDLE, INTERMEDIATE_CERT, INTERMEDIATE_KEY, StateDir
-from proxy.config import parse_endpoint
-from proxy.events import EventLog
-from proxy.netutil import bound_address, close_socket, listen_socket
-from proxy.renew import PEM_CHAIN, TlsStream, ssl_failure_text, tls13_context
+from mtls.endpoints import format_address, parse_endpoint
+from mtls.events import EventLog
+from mtls.sockets import bound_address, close_socket, listen_socket
+from mtls.tlsio import PEM_CHAIN, TlsStream, ssl_failure_text, tls13_context
 
 MAX_CONNECTIONS = 256
 WORKERS = 8  # threads signing and writing the index at once
@@ -252,7 +258,7 @@ class Service:
             raw.setblocking(False)
             self.open += 1
             self.idle = trio.Event() if self.idle.is_set() else self.idle
-            nursery.start_soon(self._connection, raw, _format_addr(addr), slots)
+            nursery.start_soon(self._connection, raw, format_address(addr), slots)
             await slots.acquire()
 
     async def _connection(self, raw: socket.socket, peer_addr: str, slots: trio.Semaphore) -> None:
@@ -431,11 +437,6 @@ async def _send(tls: TlsStream, conn: h11.Connection, reply: Reply, extra=()) ->
     data = conn.send(h11.Response(status_code=reply.status, reason=HTTPStatus(reply.status).phrase, headers=headers))
     data += conn.send(h11.Data(data=reply.body)) + conn.send(h11.EndOfMessage())
     await tls.send_all(data)
-
-
-def _format_addr(addr) -> str:
-    host, port = addr[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def serve_main(state: StateDir, *, listen: str, dns_names: Sequence[str], passphrase: bytes | None) -> int:

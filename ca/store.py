@@ -32,8 +32,8 @@ import secrets
 import sqlite3
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from functools import cached_property
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.authority import PrivateKey, Revocation, format_serial, format_time
 from ca.errors import InputError, Refused
+from mtls.files import KEY_MODE, PUBLIC_MODE, fsync_directory, write_atomically
 
 DB_NAME = "ca.db"
 ROOT_CERT = "root.pem"
@@ -53,8 +54,6 @@ BUNDLE = "bundle.pem"
 CRL = "crl.pem"
 GENERATIONS = "generations"
 CA_FILES = (ROOT_CERT, ROOT_KEY, INTERMEDIATE_CERT, INTERMEDIATE_KEY)
-KEY_MODE = 0o600
-PUBLIC_MODE = 0o644
 BUSY_TIMEOUT_S = 60.0
 
 VALID = "valid"
@@ -90,46 +89,6 @@ CREATE TABLE IF NOT EXISTS tokens (
     used_serial TEXT
 );
 """
-
-
-def write_file_atomically(path: Path, data: bytes, *, mode: int = PUBLIC_MODE, replace: bool = True) -> None:
-    """Write ``path`` so that readers see the old content or the new, never a part of it.
-
-    The temporary file is created in the same directory with ``mode`` (so a key is 0600 from its
-    first byte), fsynced, then renamed over ``path`` (``replace=True``) or hard-linked to it, which
-    fails with Refused if ``path`` exists (``replace=False``). The directory is fsynced last.
-    """
-    directory = path.parent
-    temporary = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if replace:
-            os.replace(temporary, path)
-        else:
-            try:
-                os.link(temporary, path)
-            except FileExistsError:
-                raise Refused(f"{path} already exists; refusing to overwrite it") from None
-            os.unlink(temporary)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _parse_time(text: str) -> datetime:
@@ -241,7 +200,9 @@ class StateDir:
         try:
             for name, data, mode, replace in files:
                 try:
-                    write_file_atomically(self.file(name), data, mode=mode, replace=replace)
+                    write_atomically(self.file(name), data, mode=mode, replace=replace)
+                except FileExistsError:
+                    raise Refused(f"{self.file(name)} already exists; refusing to overwrite it") from None
                 except OSError as exc:
                     raise InputError(f"cannot write {self.file(name)}: {exc.strerror}") from None
                 written.append(self.file(name))
@@ -268,7 +229,7 @@ class StateDir:
             raise Refused(f"a CA already exists in {self.path} ({DB_NAME}); refusing to overwrite it") from None
         finally:
             temporary.unlink(missing_ok=True)
-        _fsync_directory(self.path)
+        fsync_directory(self.path)
 
     # --- opening -------------------------------------------------------------------------------
 

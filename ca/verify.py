@@ -9,7 +9,7 @@ free text. So this module walks the chain itself, in an order that gives the mos
 2. check each certificate's validity window (``expired`` / ``not_yet_valid``);
 3. check that every issuer is a CA allowed to sign here: basicConstraints, keyUsage, pathlen,
    name constraints, no unknown critical extension (``untrusted_ca``);
-4. check the leaf against the X.509-SVID rules with ``proxy.identity.svid_id`` (``not_svid``);
+4. check the leaf against the X.509-SVID rules with ``mtls.spiffe.svid_id`` (``not_svid``);
 5. look every certificate up in the CRLs of its issuer (``revoked``); a CRL that claims to be from
    an issuer in the path but whose signature fails, or whose next update is past, raises CrlError;
 6. match the leaf's ID against the expected patterns (``identity_not_allowed``).
@@ -27,11 +27,17 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 from ca.authority import format_serial, format_time
-from proxy.identity import IdPattern, NotSvid, SpiffeId, first_match, svid_id
 
-# The reason codes are the contract's, shared with the sidecar: `ca verify` and a refused handshake agree.
-from proxy.policy import EXPIRED, IDENTITY_NOT_ALLOWED, NOT_SVID, NOT_YET_VALID, REVOKED, UNTRUSTED_CA
-
+# The reason codes are shared with the sidecar: `ca verify` and a refused handshake agree.
+from mtls.reasons import (
+    EXPIRED,
+    IDENTITY_NOT_ALLOWED,
+    NOT_SVID,
+    NOT_YET_VALID,
+    REVOKED,
+    UNTRUSTED_CA,
+)
+from mtls.spiffe import IdPattern, NotSvid, SpiffeId, first_match, svid_id
 
 MAX_INTERMEDIATES = 4
 # Extensions this module understands; any other extension marked critical fails the chain.
@@ -78,7 +84,7 @@ def verify_svid_chain(
 ) -> VerifiedSvid:
     """Verify ``leaf`` (with the ``intermediates`` it came with) against the trust ``roots``.
 
-    ``role`` is ``proxy.identity.CLIENT``/``SERVER`` or None (no EKU check); an empty ``allowed``
+    ``role`` is ``mtls.spiffe.CLIENT``/``SERVER`` or None (no EKU check); an empty ``allowed``
     accepts any ID. Raises VerifyError with the reason code, or CrlError for an unusable CRL.
     """
     chain = _build_chain(leaf, list(intermediates), list(roots))

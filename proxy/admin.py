@@ -34,7 +34,7 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.config import parse_endpoint
+from mtls.endpoints import parse_endpoint
 
 MAX_CONNECTIONS = 64
 EXCHANGE_DEADLINE = 10.0  # seconds for a client to send a request and take its reply

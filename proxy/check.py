@@ -11,8 +11,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
+from mtls.durations import roughly
 from proxy.config import Config, ConfigError, load_config
-from proxy.credentials import Credentials, CredentialError, expiry_warnings, load_credentials, roughly
+from proxy.credentials import (
+    CredentialError,
+    Credentials,
+    expiry_warnings,
+    load_credentials,
+)
 
 
 def run_check(config_path: str | Path, *, now: datetime | None = None) -> tuple[bool, list[str]]:

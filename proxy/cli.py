@@ -29,9 +29,9 @@ def _config_path(args) -> Path | None:
 def _cmd_run(args) -> int:
     import trio
 
-    from proxy.events import EventLog
+    from mtls.events import EventLog
+    from mtls.sockets import listen_socket
     from proxy.metrics import Metrics
-    from proxy.netutil import listen_socket
     from proxy.sidecar import Sidecar, StartupError, load_generation
 
     config_path = _config_path(args)
@@ -59,7 +59,7 @@ def _cmd_run(args) -> int:
         print(f"proxy: admin: cannot listen on {config.admin.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     if config.admin:
-        from proxy.netutil import bound_address
+        from mtls.sockets import bound_address
 
         sidecar.bound["admin"] = bound_address(admin_sock)
     trio.run(sidecar.serve, admin_sock)
@@ -89,7 +89,7 @@ def _cmd_health(args) -> int:
 
 
 def _cmd_enroll(args) -> int:
-    from proxy.renew import enroll_main
+    from proxy.enroll import enroll_main
 
     return enroll_main(args.url, args.token, Path(args.bundle), Path(args.out), sys.stdout, sys.stderr)
 

@@ -28,8 +28,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import crypto
 
+from mtls.durations import roughly
+from mtls.files import FileStamp
+from mtls.spiffe import NotSvid, SpiffeId, svid_id
 from proxy.config import IdentityConfig
-from proxy.identity import NotSvid, SpiffeId, svid_id
 
 EXPIRY_WARNING = timedelta(hours=24)
 # X509_V_FLAG_NO_CHECK_TIME from OpenSSL's x509_vfy.h; pyOpenSSL has no name for it.
@@ -40,28 +42,6 @@ _NO_ISSUER_ERRORS = (2, 20)  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT(_LOCALLY)
 _CERTIFICATE = "CERTIFICATE"
 _CRL = "X509 CRL"
 _PRIVATE_KEY = "(?:EC |RSA |ENCRYPTED )?PRIVATE KEY"
-
-
-@dataclass(frozen=True)
-class FileStamp:
-    """What a watcher compares to notice that a file changed (or was replaced by a rename)."""
-
-    mtime_ns: int
-    size: int
-    inode: int
-    device: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> FileStamp:
-        return cls(st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
-
-    @classmethod
-    def now(cls, path: Path) -> FileStamp | None:
-        """The file's stamp now (``stat`` follows symlinks, so a Kubernetes ``..data`` swap shows); None if missing."""
-        try:
-            return cls.of(os.stat(path))
-        except OSError:
-            return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -461,17 +441,6 @@ def _subject(cert: x509.Certificate) -> str:
 
 def _when(moment: datetime) -> str:
     return f"at {moment:%Y-%m-%dT%H:%M:%SZ}"
-
-
-def roughly(delta: timedelta) -> str:
-    """A time span in its two largest units, rounded down: ``29d 23h``, ``1h 59m``, ``3h``, ``30s``."""
-    minutes, seconds = divmod(max(0, int(delta.total_seconds())), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")]
-    while len(parts) > 1 and parts[0][0] == 0:
-        parts.pop(0)
-    return " ".join(f"{count}{unit}" for count, unit in parts[:2] if count) or "0s"
 
 
 def _expiry_warning(what: str, cert: x509.Certificate, now: datetime, within: timedelta, advice: str) -> str | None:

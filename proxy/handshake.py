@@ -18,7 +18,7 @@ import trio
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
 
-from proxy import policy
+from mtls import reasons
 from proxy.tls import PeerCheck
 
 
@@ -89,14 +89,14 @@ class TlsSocket:
                 except (SSL.Error, OSError) as exc:
                     raise self._translate(exc) from None
         if scope.cancelled_caught:
-            raise HandshakeFailed(policy.HANDSHAKE_TIMEOUT, f"no complete TLS handshake within {timeout:g}s")
+            raise HandshakeFailed(reasons.HANDSHAKE_TIMEOUT, f"no complete TLS handshake within {timeout:g}s")
         if self.check.peer_id is None and _lib.SSL_session_reused(self.conn._ssl):
             cert = self.conn.get_peer_certificate(as_cryptography=True)
             if cert is None or not self.check.check_resumed(cert, datetime.now(timezone.utc)):
-                reason, detail = self.check.failure or (policy.NOT_SVID, "no peer certificate in the session")
+                reason, detail = self.check.failure or (reasons.NOT_SVID, "no peer certificate in the session")
                 raise HandshakeFailed(reason, f"resumed session: {detail}")
         if self.check.peer_id is None:  # cannot happen with VERIFY_PEER, but fail closed
-            raise HandshakeFailed(policy.NOT_SVID, "peer presented no verifiable certificate")
+            raise HandshakeFailed(reasons.NOT_SVID, "peer presented no verifiable certificate")
 
     async def linger_after_refusal(self, limit: float = 1.0, max_bytes: int = 65536) -> None:
         """Let the alert we just sent reach the peer before the socket closes.
@@ -130,9 +130,9 @@ class TlsSocket:
         text = ssl_error_text(exc)
         alert = alert_from_error(exc) if isinstance(exc, SSL.Error) else None
         if alert is not None:
-            return HandshakeFailed(policy.HANDSHAKE_FAILED, f"remote refused us: alert {alert}")
+            return HandshakeFailed(reasons.HANDSHAKE_FAILED, f"remote refused us: alert {alert}")
         if "peer did not return a certificate" in text:
-            return HandshakeFailed(policy.NO_CLIENT_CERT, "client sent no certificate; this port requires one")
+            return HandshakeFailed(reasons.NO_CLIENT_CERT, "client sent no certificate; this port requires one")
         if "unsupported protocol" in text or "no protocols available" in text:
-            return HandshakeFailed(policy.HANDSHAKE_FAILED, f"peer does not offer TLS 1.3 ({text})")
-        return HandshakeFailed(policy.HANDSHAKE_FAILED, text)
+            return HandshakeFailed(reasons.HANDSHAKE_FAILED, f"peer does not offer TLS 1.3 ({text})")
+        return HandshakeFailed(reasons.HANDSHAKE_FAILED, text)

@@ -5,32 +5,8 @@ No ssl, no trio, no sockets: tests call these functions directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from proxy.identity import IdPattern, SpiffeId, first_match
-
-# Reason codes of the contract (DESIGN.md, "Decisions, logs, metrics").
-NO_CLIENT_CERT = "no_client_cert"
-UNTRUSTED_CA = "untrusted_ca"
-EXPIRED = "expired"
-NOT_YET_VALID = "not_yet_valid"
-REVOKED = "revoked"
-NOT_SVID = "not_svid"
-IDENTITY_NOT_ALLOWED = "identity_not_allowed"
-SERVER_IDENTITY_MISMATCH = "server_identity_mismatch"
-HANDSHAKE_TIMEOUT = "handshake_timeout"
-HANDSHAKE_FAILED = "handshake_failed"
-UPSTREAM_UNREACHABLE = "upstream_unreachable"
-CONNECTION_LIMIT = "connection_limit"
-POLICY_REVOKED = "policy_revoked"
-IDLE_TIMEOUT = "idle_timeout"
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    allowed: bool
-    reason: str | None  # a reason code when not allowed
-    detail: str
+from mtls.reasons import IDENTITY_NOT_ALLOWED, SERVER_IDENTITY_MISMATCH, Decision
+from mtls.spiffe import IdPattern, SpiffeId, first_match
 
 
 def _rules_text(patterns: tuple[IdPattern, ...]) -> str:

@@ -32,14 +32,17 @@ from pathlib import Path
 import trio
 from OpenSSL import SSL
 
+from mtls import reasons
+from mtls.endpoints import format_address, server_name_for
+from mtls.events import EventLog
+from mtls.files import FileStamp
+from mtls.sockets import bound_address, close_socket, connect, listen_socket
+from mtls.spiffe import CLIENT, SERVER, SpiffeId
 from proxy import policy
 from proxy.config import Config, ConfigError, InboundConfig, OutboundConfig, load_config
-from proxy.credentials import CredentialError, Credentials, FileStamp, load_credentials
-from proxy.events import EventLog
+from proxy.credentials import CredentialError, Credentials, load_credentials
 from proxy.handshake import HandshakeFailed, TlsSocket
-from proxy.identity import CLIENT, SERVER, SpiffeId
 from proxy.metrics import Metrics
-from proxy.netutil import bound_address, close_socket, connect, listen_socket
 from proxy.proxy_protocol import v2_header
 from proxy.relay import Link, Reactor, Reset, abort_socket, relay, send_plain
 from proxy.tls import PeerCheck, TlsContexts, build_contexts, session_lifetime
@@ -51,7 +54,7 @@ ACCEPT_BACKOFF = 0.05
 READY_MIN_REMAINING = 60.0  # seconds of certificate life (or a tenth of it) below which /readyz says not ready
 
 # Results for sidecar_connections_total: refusals by identity or policy are "denied", the rest "error".
-_ERROR_REASONS = {policy.HANDSHAKE_TIMEOUT, policy.HANDSHAKE_FAILED, policy.UPSTREAM_UNREACHABLE}
+_ERROR_REASONS = {reasons.HANDSHAKE_TIMEOUT, reasons.HANDSHAKE_FAILED, reasons.UPSTREAM_UNREACHABLE}
 
 
 class StartupError(Exception):
@@ -141,7 +144,7 @@ class Sidecar:
         self.draining = False
         self.reactor: Reactor | None = None  # the data phase of every relayed connection, while serving
         self._idle = trio.Event()
-        self.renewer = None  # a proxy.renew.Renewer while identity.renew is set (started by serve)
+        self.renewer = None  # a proxy.renewer.Renewer while identity.renew is set (started by serve)
         self._file_stamps = self._stamp_files(generation)
         self._update_identity_metrics()
 
@@ -187,7 +190,7 @@ class Sidecar:
                     root.start_soon(self._reap_idle)
                     root.start_soon(self.reactor.run)
                     if gen.config.identity.renew is not None:
-                        from proxy.renew import Renewer
+                        from proxy.renewer import Renewer
 
                         self.renewer = Renewer(self)
                         root.start_soon(self.renewer.run)
@@ -252,12 +255,12 @@ class Sidecar:
                 raise
             out_of_fds_logged = False
             sock.setblocking(False)
-            peer_addr = _format_addr(addr)
+            peer_addr = format_address(addr)
             if len(self.open) >= self.generation.config.limits.max_connections:
                 abort_socket(sock)
                 sock.close()
                 self._refuse(
-                    name, direction, peer_addr, None, policy.CONNECTION_LIMIT,
+                    name, direction, peer_addr, None, reasons.CONNECTION_LIMIT,
                     f"{len(self.open)} connections open, limits.max_connections is "
                     f"{self.generation.config.limits.max_connections}",
                 )
@@ -340,7 +343,7 @@ class Sidecar:
                 tracked.listener, tracked.direction, peer_addr, tls.check.peer_id, exc.reason, exc.detail,
                 trio.current_time() - started,
             )
-            if exc.reason != policy.HANDSHAKE_TIMEOUT:
+            if exc.reason != reasons.HANDSHAKE_TIMEOUT:
                 await tls.linger_after_refusal()
             return False
         self.metrics.handshake_seconds.observe(trio.current_time() - started)
@@ -367,7 +370,7 @@ class Sidecar:
                     plain = await connect(lst.forward, gen.config.timeouts.connect)
                 except OSError as exc:
                     self._refuse(
-                        lst.name, INBOUND, peer_addr, check.peer_id, policy.UPSTREAM_UNREACHABLE,
+                        lst.name, INBOUND, peer_addr, check.peer_id, reasons.UPSTREAM_UNREACHABLE,
                         f"app at {lst.forward} for port {lst.name}: {exc.strerror or exc}",
                         trio.current_time() - started,
                     )
@@ -402,7 +405,7 @@ class Sidecar:
                     upstream = await connect(lst.connect, gen.config.timeouts.connect)
                 except OSError as exc:
                     self._refuse(
-                        lst.name, OUTBOUND, peer_addr, None, policy.UPSTREAM_UNREACHABLE,
+                        lst.name, OUTBOUND, peer_addr, None, reasons.UPSTREAM_UNREACHABLE,
                         f"upstream {lst.connect} for {lst.name}: {exc.strerror or exc}",
                         trio.current_time() - started,
                     )
@@ -413,7 +416,7 @@ class Sidecar:
                 )
                 tls = TlsSocket(
                     gen.contexts.client, upstream, check, server_side=False,
-                    server_name=lst.server_name or _sni_default(lst.connect.host),
+                    server_name=lst.server_name or server_name_for(lst.connect.host),
                 )
                 cached = gen.sessions.get(lst.name)
                 if cached is not None and cached[1] > trio.current_time():
@@ -443,18 +446,18 @@ class Sidecar:
         except Reset as exc:
             reason, detail = "reset", f"{exc.side} side: {exc.detail}"
             if exc.side == "tls" and exc.detail.startswith("remote sent alert") and not link.bytes_in:
-                reason, detail = policy.HANDSHAKE_FAILED, "remote refused us: " + exc.detail.split("sent ", 1)[1]
+                reason, detail = reasons.HANDSHAKE_FAILED, "remote refused us: " + exc.detail.split("sent ", 1)[1]
             elif exc.side == "plain" and app is not None and not link.bytes_out:
-                reason = policy.UPSTREAM_UNREACHABLE
+                reason = reasons.UPSTREAM_UNREACHABLE
                 detail = (f"app at {app} for port {tracked.listener} reset the connection "
                           f"before answering: {exc.detail}")
             abort_socket(tls.sock)
             abort_socket(plain)
         finally:
             if tracked.revoked_detail is not None:
-                reason, detail = policy.POLICY_REVOKED, tracked.revoked_detail
+                reason, detail = reasons.POLICY_REVOKED, tracked.revoked_detail
             elif tracked.idle_detail is not None:
-                reason, detail = policy.IDLE_TIMEOUT, tracked.idle_detail
+                reason, detail = reasons.IDLE_TIMEOUT, tracked.idle_detail
             elif tracked.scope.cancel_called and reason is None and self.draining:
                 detail = "drain timeout reached"
             self._closed(tracked, peer_addr, link, started, reason, detail)
@@ -584,19 +587,3 @@ class Sidecar:
         if self.renewer is not None:
             problems.extend(self.renewer.readiness_problems(now_timestamp))
         return problems
-
-
-def _format_addr(addr) -> str:
-    if isinstance(addr, tuple):
-        host, port = addr[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(addr) or "unix"
-
-
-def _sni_default(host: str) -> str | None:
-    """Send SNI for DNS names only; an IP address is not a valid server_name."""
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-        return None
-    except OSError:
-        return host or None

@@ -25,25 +25,20 @@ from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
-from proxy import policy
-from proxy.identity import NotSvid, SpiffeId, svid_id
+from mtls import reasons
+from mtls.spiffe import NotSvid, SpiffeId, svid_id
+from mtls.tlsio import TLS13_CIPHERSUITES, x509_error_text
 
 MAX_CHAIN_DEPTH = 4
-# AES-128-GCM first: the same AEAD strength class as the others here, and measurably cheaper per byte.
-TLS13_CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
 # OpenSSL X509_V_ERR_* codes that map to our reason codes; anything else is untrusted_ca.
 _X509_ERROR_REASONS = {
-    9: policy.NOT_YET_VALID,  # X509_V_ERR_CERT_NOT_YET_VALID
-    10: policy.EXPIRED,  # X509_V_ERR_CERT_HAS_EXPIRED
-    23: policy.REVOKED,  # X509_V_ERR_CERT_REVOKED
-    26: policy.NOT_SVID,  # X509_V_ERR_INVALID_PURPOSE (wrong extendedKeyUsage)
-    66: policy.NOT_SVID,  # X509_V_ERR_EE_KEY_TOO_SMALL
+    9: reasons.NOT_YET_VALID,  # X509_V_ERR_CERT_NOT_YET_VALID
+    10: reasons.EXPIRED,  # X509_V_ERR_CERT_HAS_EXPIRED
+    23: reasons.REVOKED,  # X509_V_ERR_CERT_REVOKED
+    26: reasons.NOT_SVID,  # X509_V_ERR_INVALID_PURPOSE (wrong extendedKeyUsage)
+    66: reasons.NOT_SVID,  # X509_V_ERR_EE_KEY_TOO_SMALL
 }
-
-
-def x509_error_text(errno: int) -> str:
-    return _ffi.string(_lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
 
 
 class PeerCheck:
@@ -60,7 +55,7 @@ class PeerCheck:
     def __init__(
         self,
         role: str,
-        authorize: Callable[[SpiffeId], policy.Decision],
+        authorize: Callable[[SpiffeId], reasons.Decision],
         revoked_serials: frozenset[int],
         audit: bool = False,
     ):
@@ -70,7 +65,7 @@ class PeerCheck:
         self.audit = audit
         self.failure: tuple[str, str] | None = None  # (reason code, detail)
         self.peer_id: SpiffeId | None = None
-        self.decision: policy.Decision | None = None
+        self.decision: reasons.Decision | None = None
         self.serial: int | None = None
         self.not_after: datetime | None = None
         self.resumed = False
@@ -78,9 +73,9 @@ class PeerCheck:
     def check_resumed(self, cert: x509.Certificate, now: datetime) -> bool:
         """A resumed session skipped the certificate exchange: check its stored peer certificate again."""
         if now >= cert.not_valid_after_utc:
-            return self.fail(policy.EXPIRED, "peer certificate has expired")
+            return self.fail(reasons.EXPIRED, "peer certificate has expired")
         if now < cert.not_valid_before_utc:
-            return self.fail(policy.NOT_YET_VALID, "peer certificate is not yet valid")
+            return self.fail(reasons.NOT_YET_VALID, "peer certificate is not yet valid")
         self.resumed = True
         return self.check_leaf(cert)
 
@@ -93,17 +88,17 @@ class PeerCheck:
         self.serial = cert.serial_number
         self.not_after = cert.not_valid_after_utc
         if cert.serial_number in self.revoked_serials:
-            return self.fail(policy.REVOKED, f"certificate serial {cert.serial_number:x} is listed on the CRL")
+            return self.fail(reasons.REVOKED, f"certificate serial {cert.serial_number:x} is listed on the CRL")
         try:
             peer_id = svid_id(cert, self.role)
         except NotSvid as exc:
-            return self.fail(policy.NOT_SVID, str(exc))
+            return self.fail(reasons.NOT_SVID, str(exc))
         self.peer_id = peer_id
         decision = self.authorize(peer_id)
         self.decision = decision
         if decision.allowed or self.audit:
             return True
-        return self.fail(decision.reason or policy.IDENTITY_NOT_ALLOWED, decision.detail)
+        return self.fail(decision.reason or reasons.IDENTITY_NOT_ALLOWED, decision.detail)
 
 
 # The X509_V_ERR_* code we leave on the store context when *we* refuse a leaf; OpenSSL turns it
@@ -113,8 +108,8 @@ _X509_V_ERR_CERT_REJECTED = 28
 _X509_V_ERR_CERT_REVOKED = 23
 _X509_V_ERR_APPLICATION_VERIFICATION = 50
 _REFUSAL_X509_ERRORS = {
-    policy.REVOKED: _X509_V_ERR_CERT_REVOKED,
-    policy.NOT_SVID: _X509_V_ERR_CERT_REJECTED,
+    reasons.REVOKED: _X509_V_ERR_CERT_REVOKED,
+    reasons.NOT_SVID: _X509_V_ERR_CERT_REJECTED,
 }
 
 
@@ -131,7 +126,7 @@ def _verify(ok: int, store_ctx) -> int:
         depth = _lib.X509_STORE_CTX_get_error_depth(store_ctx)
         if not ok:
             errno = _lib.X509_STORE_CTX_get_error(store_ctx)
-            reason = _X509_ERROR_REASONS.get(errno, policy.UNTRUSTED_CA)
+            reason = _X509_ERROR_REASONS.get(errno, reasons.UNTRUSTED_CA)
             where = "peer certificate" if depth == 0 else f"certificate at chain depth {depth}"
             check.fail(reason, f"{where}: {x509_error_text(errno)}")
             return 0
@@ -141,14 +136,14 @@ def _verify(ok: int, store_ctx) -> int:
         _lib.X509_up_ref(raw)
         if check.check_leaf(crypto.X509._from_raw_x509_ptr(raw).to_cryptography()):
             return 1
-        reason = check.failure[0] if check.failure else policy.HANDSHAKE_FAILED
+        reason = check.failure[0] if check.failure else reasons.HANDSHAKE_FAILED
         _lib.X509_STORE_CTX_set_error(
             store_ctx, _REFUSAL_X509_ERRORS.get(reason, _X509_V_ERR_APPLICATION_VERIFICATION)
         )
         return 0
     except Exception as exc:  # never let an exception cross into OpenSSL: fail closed
         if check is not None:
-            check.fail(policy.HANDSHAKE_FAILED, f"internal error while verifying the peer: {exc!r}")
+            check.fail(reasons.HANDSHAKE_FAILED, f"internal error while verifying the peer: {exc!r}")
         _lib.X509_STORE_CTX_set_error(store_ctx, _X509_V_ERR_APPLICATION_VERIFICATION)
         return 0
 

@@ -12,7 +12,14 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca.authority import Issuer, PrivateKey, certificate_pem, generate_key, make_intermediate, make_root
+from ca.authority import (
+    Issuer,
+    PrivateKey,
+    certificate_pem,
+    generate_key,
+    make_intermediate,
+    make_root,
+)
 
 NOW = datetime(2026, 11, 28, 10, 0, 0, tzinfo=timezone.utc)
 TRUST_DOMAIN = "example.org"

@@ -14,11 +14,17 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.admin import EXCHANGE_DEADLINE, MAX_BODY_BYTES, MAX_HEAD_BYTES, health_main, serve_admin
+from mtls.events import EventLog
+from mtls.sockets import listen_socket
+from proxy.admin import (
+    EXCHANGE_DEADLINE,
+    MAX_BODY_BYTES,
+    MAX_HEAD_BYTES,
+    health_main,
+    serve_admin,
+)
 from proxy.config import parse_endpoint
-from proxy.events import EventLog
 from proxy.metrics import Metrics
-from proxy.netutil import listen_socket
 
 EXPIRED = "identity spiffe://example.org/ns/prod/sa/web expired at 2024-01-01T00:00:00+00:00"
 UNBOUND = "listener api is not bound"

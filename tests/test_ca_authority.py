@@ -5,14 +5,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from ca_helpers import NOW, WEB, memory_ca
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ca.authority import CLOCK_SKEW, CRL_LIFETIME, Revocation, generate_key, new_serial
 from ca.errors import InputError, Refused
-from ca_helpers import NOW, WEB, memory_ca
-from proxy.identity import InvalidSpiffeId, svid_id
+from mtls.spiffe import InvalidSpiffeId, svid_id
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import subprocess
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from ca_helpers import WEB, assert_one_line_error, ca_env, files_under, mode_of, run_ca
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -19,8 +20,7 @@ from ca import operations
 from ca.cli import main
 from ca.operations import read_certificates, read_crls
 from ca.store import StateDir
-from ca_helpers import WEB, assert_one_line_error, ca_env, files_under, mode_of, run_ca
-from proxy.identity import svid_id
+from mtls.spiffe import svid_id
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from ca_helpers import WEB, run_ca
 from cryptography.hazmat.primitives import serialization
 
 from ca.authority import Issuer, certificate_pem
 from ca.operations import read_certificates
-from ca_helpers import WEB, run_ca
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 

@@ -11,12 +11,21 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from ca_helpers import assert_one_line_error
+from harness import (
+    TD,
+    App,
+    Sidecar,
+    echo_through,
+    identity_yaml,
+    issue,
+    run_ca,
+    wait_until,
+)
 
 from ca import operations
 from ca.operations import read_certificates, read_crls
 from ca.store import StateDir
-from ca_helpers import assert_one_line_error
-from harness import TD, App, Sidecar, echo_through, identity_yaml, issue, run_ca, wait_until
 from proxy.config import IdentityConfig
 from proxy.credentials import load_credentials
 

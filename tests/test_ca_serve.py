@@ -17,10 +17,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from harness import (
+    DEADLINE,
+    PY,
+    TD,
+    Forge,
+    LoggedProcess,
+    issue,
+    other_authority,
+    run_ca,
+    wait_until,
+)
 
 from ca import operations
 from ca.store import StateDir
-from harness import DEADLINE, PY, TD, Forge, LoggedProcess, issue, other_authority, run_ca, wait_until
 
 WEB = f"spiffe://{TD}/ns/prod/sa/web"
 

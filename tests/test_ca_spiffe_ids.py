@@ -8,11 +8,11 @@ percent-encoding, at most 2048 bytes, and no control character anywhere (a trail
 from __future__ import annotations
 
 import pytest
+from ca_helpers import assert_one_line_error, files_under, run_ca
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ca_helpers import assert_one_line_error, files_under, run_ca
-from proxy.identity import InvalidSpiffeId, parse_pattern, parse_spiffe_id
+from mtls.spiffe import InvalidSpiffeId, parse_pattern, parse_spiffe_id
 
 TD_255 = "a" * 251 + ".org"
 LONGEST = "spiffe://example.org/" + "a" * (2048 - len("spiffe://example.org/"))

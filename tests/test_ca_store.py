@@ -8,13 +8,15 @@ import stat
 from datetime import timedelta
 
 import pytest
+from ca_helpers import NOW, WEB, files_under, mode_of
 from cryptography import x509
 
-from ca import operations, store
+from ca import operations
 from ca.authority import generate_key
 from ca.errors import InputError, Refused
-from ca.store import KEY_MODE, StateDir, write_file_atomically
-from ca_helpers import NOW, WEB, files_under, mode_of
+from ca.store import StateDir
+from mtls import files
+from mtls.files import KEY_MODE, write_atomically
 
 
 def _init(path, passphrase=None):
@@ -45,8 +47,8 @@ def test_key_file_is_0600_before_its_first_byte_is_written(tmp_path, monkeypatch
         modes_at_first_write.append(stat.S_IMODE(os.fstat(fd).st_mode))
         return real_write(fd, data)
 
-    monkeypatch.setattr(store.os, "write", spying_write)
-    write_file_atomically(tmp_path / "key.pem", b"secret", mode=KEY_MODE)
+    monkeypatch.setattr(files.os, "write", spying_write)
+    write_atomically(tmp_path / "key.pem", b"secret", mode=KEY_MODE)
     assert modes_at_first_write and set(modes_at_first_write) == {0o600}
     assert mode_of(tmp_path / "key.pem") == 0o600
 
@@ -54,7 +56,7 @@ def test_key_file_is_0600_before_its_first_byte_is_written(tmp_path, monkeypatch
 def test_atomic_write_replaces_content_and_leaves_no_temporary_file(tmp_path):
     target = tmp_path / "cert.pem"
     target.write_bytes(b"old")
-    write_file_atomically(target, b"new")
+    write_atomically(target, b"new")
     assert target.read_bytes() == b"new"
     assert files_under(tmp_path) == ["cert.pem"]
 
@@ -66,9 +68,9 @@ def test_failed_atomic_write_keeps_old_content_and_removes_temporary_file(tmp_pa
     def failing_fsync(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store.os, "fsync", failing_fsync)
+    monkeypatch.setattr(files.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="No space"):
-        write_file_atomically(target, b"new", mode=KEY_MODE)
+        write_atomically(target, b"new", mode=KEY_MODE)
     assert target.read_bytes() == b"old"
     assert files_under(tmp_path) == ["key.pem"]
 
@@ -76,8 +78,8 @@ def test_failed_atomic_write_keeps_old_content_and_removes_temporary_file(tmp_pa
 def test_write_without_replace_refuses_existing_file(tmp_path):
     target = tmp_path / "root.key"
     target.write_bytes(b"precious")
-    with pytest.raises(Refused, match="refusing to overwrite"):
-        write_file_atomically(target, b"new", mode=KEY_MODE, replace=False)
+    with pytest.raises(FileExistsError):
+        write_atomically(target, b"new", mode=KEY_MODE, replace=False)
     assert target.read_bytes() == b"precious"
     assert files_under(tmp_path) == ["root.key"]
 

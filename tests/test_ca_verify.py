@@ -8,6 +8,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from ca_helpers import (
+    NOW,
+    WEB,
+    assert_one_line_error,
+    memory_ca,
+    run_ca,
+    write_chain,
+    write_pem,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
@@ -23,8 +32,7 @@ from ca.verify import (
     VerifyError,
     verify_svid_chain,
 )
-from ca_helpers import NOW, WEB, assert_one_line_error, memory_ca, run_ca, write_chain, write_pem
-from proxy.identity import CLIENT, parse_pattern
+from mtls.spiffe import CLIENT, parse_pattern
 
 
 @pytest.fixture(scope="module")

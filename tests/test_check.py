@@ -7,8 +7,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from certs_for_tests import HOUR, NOW, TestAuthority, cert_pem, write_identity
+
 from proxy.check import check_main, run_check
 
 WEB = "spiffe://example.org/ns/prod/sa/web"

@@ -12,19 +12,19 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mtls.spiffe import parse_pattern
 from proxy.config import (
     AdminConfig,
     ConfigError,
     Endpoint,
-    LogConfig,
     Limits,
+    LogConfig,
     RenewConfig,
     Timeouts,
     load_config,
     parse_config,
     parse_endpoint,
 )
-from proxy.identity import parse_pattern
 
 SOURCE = Path("config.yaml")
 IDENTITY = "identity: {cert: cert.pem, key: key.pem, bundle: bundle.pem}\n"  # line 1 of most cases

@@ -7,14 +7,12 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-
 from certs_for_tests import (
     DAY,
     HOUR,
     MINUTE,
-    SECOND,
     NOW,
+    SECOND,
     TestAuthority,
     cert_pem,
     crl_pem,
@@ -22,15 +20,17 @@ from certs_for_tests import (
     new_key,
     write_identity,
 )
+from cryptography.hazmat.primitives import serialization
+
+from mtls.durations import roughly
+from mtls.spiffe import parse_spiffe_id
 from proxy.config import IdentityConfig
 from proxy.credentials import (
     CredentialError,
     FileStamp,
     expiry_warnings,
     load_credentials,
-    roughly,
 )
-from proxy.identity import parse_spiffe_id
 
 WEB = "spiffe://example.org/ns/prod/sa/web"
 

@@ -15,10 +15,23 @@ import threading
 import time
 
 import pytest
-
 from harness import (
-    PY, TD, App, Sidecar, client_context, denial, final_event, free_port, inbound_config, issue,
-    listening_ports, outbound_config, plain_attempt, refused_port, run_ca, tls_attempt,
+    PY,
+    TD,
+    App,
+    Sidecar,
+    client_context,
+    denial,
+    final_event,
+    free_port,
+    inbound_config,
+    issue,
+    listening_ports,
+    outbound_config,
+    plain_attempt,
+    refused_port,
+    run_ca,
+    tls_attempt,
 )
 
 API = f"spiffe://{TD}/ns/prod/sa/api"

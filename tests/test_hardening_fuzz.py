@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from harness import PY, TD, run_ca
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import PY, TD, run_ca
+from mtls.spiffe import InvalidSpiffeId, parse_pattern, parse_spiffe_id
 from proxy.config import ConfigError, parse_config
-from proxy.identity import InvalidSpiffeId, parse_pattern, parse_spiffe_id
 
 SOURCE = Path("/etc/proxy/config.yaml")
 

@@ -19,10 +19,22 @@ import socket
 import subprocess
 
 import pytest
-
 from harness import (
-    TD, App, Sidecar, client_context, closed_event, denial, final_event, in_netns, inbound_config, issue,
-    outbound_config, plain_attempt, read_until_closed, run_ca, wait_until,
+    TD,
+    App,
+    Sidecar,
+    client_context,
+    closed_event,
+    denial,
+    final_event,
+    in_netns,
+    inbound_config,
+    issue,
+    outbound_config,
+    plain_attempt,
+    read_until_closed,
+    run_ca,
+    wait_until,
 )
 
 API = f"spiffe://{TD}/ns/prod/sa/api"

@@ -19,13 +19,29 @@ import time
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from harness import (
+    TD,
+    App,
+    Forge,
+    Sidecar,
+    Trickle,
+    client_context,
+    client_hello,
+    closed_event,
+    denial,
+    inbound_config,
+    issue,
+    outbound_config,
+    plain_attempt,
+    read_until_closed,
+    run_ca,
+    tls_attempt,
+    vm_rss_kib,
+    wait_until,
+)
 from OpenSSL import SSL
 
-from harness import (
-    TD, App, Forge, Sidecar, Trickle, client_context, client_hello, closed_event, denial, inbound_config, issue,
-    outbound_config, plain_attempt, read_until_closed, run_ca, tls_attempt, vm_rss_kib, wait_until,
-)
-from proxy.identity import NotSvid, svid_id
+from mtls.spiffe import NotSvid, svid_id
 
 API = f"spiffe://{TD}/ns/prod/sa/api"
 FRONTEND = f"spiffe://{TD}/ns/prod/sa/frontend"

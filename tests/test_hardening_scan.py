@@ -18,8 +18,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from harness import TD, App, Sidecar, client_context, inbound_config, issue, read_until_closed, run_ca, tls_attempt
+from harness import (
+    TD,
+    App,
+    Sidecar,
+    client_context,
+    inbound_config,
+    issue,
+    read_until_closed,
+    run_ca,
+    tls_attempt,
+)
 
 SSLYZE_REQUIREMENT = "sslyze>=6.3,<6.4"
 SSLYZE_VENV = Path("/tmp") / f"mtls-sidecar-sslyze-{SSLYZE_REQUIREMENT.split('>=')[1].split(',')[0]}"

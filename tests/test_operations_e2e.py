@@ -10,9 +10,8 @@ import urllib.request
 
 import pytest
 from cryptography import x509
-from prometheus_client.parser import text_string_to_metric_families
-
 from harness import TD, App, Sidecar, identity_yaml, issue, run_ca, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 from test_proxy_protocol import read_header
 from test_sidecar_e2e import FRONTEND, denial_for, tls_client
 

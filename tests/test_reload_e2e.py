@@ -8,7 +8,6 @@ import signal
 import threading
 
 import pytest
-
 from harness import TD, App, Sidecar, identity_yaml, issue, run_ca, wait_until
 from test_sidecar_e2e import FRONTEND, denial_for, tls_client, tls_connection
 

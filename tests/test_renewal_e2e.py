@@ -22,9 +22,19 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-
 from harness import (
-    DEADLINE, PY, TD, App, Sidecar, echo_through, free_port, identity_yaml, issue, other_authority, run_ca, wait_until,
+    DEADLINE,
+    PY,
+    TD,
+    App,
+    Sidecar,
+    echo_through,
+    free_port,
+    identity_yaml,
+    issue,
+    other_authority,
+    run_ca,
+    wait_until,
 )
 from test_ca_rotate import Stream
 from test_ca_serve import CaService
@@ -339,9 +349,10 @@ def test_revocation_cuts_an_open_connection_within_2_s_measured_over_5_runs(tmp_
 @pytest.fixture
 def one_sidecar(tmp_path):
     """A real Sidecar object (not started) for an identity with a 10-second certificate and renewal set."""
-    from proxy.events import EventLog
+    from mtls.events import EventLog
     from proxy.metrics import Metrics
-    from proxy.sidecar import Sidecar as SidecarObject, load_generation
+    from proxy.sidecar import Sidecar as SidecarObject
+    from proxy.sidecar import load_generation
 
     ca_dir = tmp_path / "ca"
     run_ca(ca_dir, "init", "--trust-domain", TD)
@@ -354,7 +365,7 @@ def one_sidecar(tmp_path):
 
 
 def test_renewal_point_is_at_the_fraction_of_the_lifetime_with_at_most_5_percent_jitter(one_sidecar):
-    from proxy.renew import Renewer
+    from proxy.renewer import Renewer
 
     sidecar, *_ = one_sidecar
     creds = sidecar.generation.creds
@@ -367,7 +378,7 @@ def test_renewal_point_is_at_the_fraction_of_the_lifetime_with_at_most_5_percent
 
 
 def test_retry_backoff_doubles_from_2_percent_of_the_lifetime_up_to_a_cap_with_jitter(one_sidecar):
-    from proxy.renew import Renewer
+    from proxy.renewer import Renewer
 
     renewer = Renewer(one_sidecar[0], rng=random.Random(1))
     delays = []
@@ -385,7 +396,7 @@ async def test_file_watcher_waits_while_the_renewer_swaps_key_and_certificate(on
     while ``writing`` is set it must not try (and fail) to reload."""
     import trio
 
-    from proxy.renew import Renewer
+    from proxy.renewer import Renewer
     from proxy.sidecar import FILE_POLL_INTERVAL
 
     sidecar, ca_dir, ident, log = one_sidecar

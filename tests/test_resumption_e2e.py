@@ -6,8 +6,16 @@ import socket
 import ssl
 
 import pytest
-
-from harness import TD, App, Sidecar, echo_through, identity_yaml, issue, run_ca, wait_until
+from harness import (
+    TD,
+    App,
+    Sidecar,
+    echo_through,
+    identity_yaml,
+    issue,
+    run_ca,
+    wait_until,
+)
 from test_sidecar_e2e import API, FRONTEND, denial_for
 
 RESUME = "tls: {session_resumption: true, session_lifetime: 10m}\n"

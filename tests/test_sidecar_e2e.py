@@ -10,9 +10,18 @@ import threading
 
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
-
 from harness import (
-    TD, App, Forge, Sidecar, echo_through, identity_yaml, issue, other_authority, refused_port, run_ca, wait_until,
+    TD,
+    App,
+    Forge,
+    Sidecar,
+    echo_through,
+    identity_yaml,
+    issue,
+    other_authority,
+    refused_port,
+    run_ca,
+    wait_until,
 )
 
 API = f"spiffe://{TD}/ns/prod/sa/api"

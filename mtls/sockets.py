@@ -8,7 +8,7 @@ import socket
 
 import trio
 
-from proxy.config import Endpoint
+from mtls.endpoints import Endpoint, format_address
 
 
 def listen_socket(endpoint: Endpoint, backlog: int = 4096) -> socket.socket:
@@ -27,8 +27,7 @@ def listen_socket(endpoint: Endpoint, backlog: int = 4096) -> socket.socket:
 
 
 def bound_address(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_address(sock.getsockname())
 
 
 def close_socket(sock: socket.socket) -> None:
@@ -51,18 +50,11 @@ async def _connect_one(family: int, addr, path_or_none=None) -> socket.socket:
             await trio.lowlevel.wait_writable(sock)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            raise OSError(err, f"{os.strerror(err)} ({_show(addr)})")
+            raise OSError(err, f"{os.strerror(err)} ({format_address(addr)})")
         return sock
     except BaseException:
         close_socket(sock)
         raise
-
-
-def _show(addr) -> str:
-    if isinstance(addr, str):
-        return f"unix:{addr}"
-    host, port = addr[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def connect(endpoint: Endpoint, timeout: float) -> socket.socket:

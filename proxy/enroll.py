@@ -1,0 +1,106 @@
+"""``proxy enroll``: trade a one-time token from ``ca token`` for a workload's first certificate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TextIO
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import crypto
+
+from mtls.files import KEY_MODE, write_atomically
+from mtls.spiffe import NotSvid, SpiffeId, svid_id
+from proxy.caclient import (
+    ServiceError,
+    ServiceUrl,
+    chain_from,
+    client_context,
+    key_pem,
+    new_key_and_csr,
+    post,
+    same_key,
+)
+
+
+def enroll_main(url: str, token: str, bundle: Path, out: Path, out_stream: TextIO, err_stream: TextIO) -> int:
+    """``proxy enroll``: trade a one-time token for a first certificate; write OUT/cert.pem, key.pem, bundle.pem.
+
+    Exit 0; 1 if the service refused (one line with its reason); 2 for bad input, or when the
+    service cannot be reached or verified (one line naming the URL).
+    """
+
+    def fail(code: int, message: str) -> int:
+        print(f"proxy enroll: {message}", file=err_stream)
+        return code
+
+    try:
+        service = ServiceUrl.parse(url)
+    except ValueError as exc:
+        return fail(2, f"--url {exc}")
+    try:
+        bundle_data = bundle.read_bytes()
+        roots = x509.load_pem_x509_certificates(bundle_data)
+    except OSError as exc:
+        return fail(2, f"cannot read --bundle {bundle}: {exc.strerror or exc}")
+    except ValueError:
+        return fail(2, f"--bundle {bundle} holds no PEM certificate")
+    if out.exists() and not out.is_dir():
+        return fail(2, f"--out {out} exists and is not a directory")
+    key, csr_pem = new_key_and_csr()
+    body = json.dumps({"token": token, "csr": csr_pem.decode("ascii")}).encode()
+    ctx = client_context(roots)
+    try:
+        answer = trio.run(
+            lambda: post(service, "/v1/enroll", body, "application/json", ctx, expect_trust_domain=None)
+        )
+    except ServiceError as exc:
+        return fail(2, exc.detail)
+    if answer.status != 200:
+        code, detail = answer.error()
+        answered = f"{answer.status} {code}" if code else str(answer.status)
+        return fail(1, f"{url} refused the enrollment ({answered}): {detail}")
+    try:
+        chain = chain_from(answer, url)
+        spiffe_id = _check_issued(chain, key, roots, url)
+    except ServiceError as exc:
+        return fail(2, exc.detail)
+    try:
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pem = serialization.Encoding.PEM
+        write_atomically(out / "key.pem", key_pem(key), mode=KEY_MODE)
+        write_atomically(out / "cert.pem", b"".join(cert.public_bytes(pem) for cert in chain))
+        write_atomically(out / "bundle.pem", bundle_data)
+    except OSError as exc:
+        return fail(2, f"enrolled at {url} but cannot write {exc.filename or out}: {exc.strerror or exc}")
+    leaf = chain[0]
+    print(
+        f"enrolled {spiffe_id} (serial {leaf.serial_number:x}, expires "
+        f"{leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}) into {out}: cert.pem, key.pem (0600), bundle.pem",
+        file=out_stream,
+    )
+    return 0
+
+
+def _check_issued(chain: list[x509.Certificate], key, roots, where: str) -> SpiffeId:
+    """The returned certificate must be an SVID over our key that chains to ``roots``."""
+    leaf = chain[0]
+    if not same_key(leaf, key):
+        raise ServiceError(f"{where} returned a certificate for another key than the one we sent")
+    try:
+        spiffe_id = svid_id(leaf)
+    except NotSvid as exc:
+        raise ServiceError(f"{where} returned a certificate that is not an X.509-SVID: {exc}") from None
+    store = crypto.X509Store()
+    for root in roots:
+        store.add_cert(crypto.X509.from_cryptography(root))
+    context = crypto.X509StoreContext(
+        store, crypto.X509.from_cryptography(leaf), [crypto.X509.from_cryptography(c) for c in chain[1:]]
+    )
+    try:
+        context.verify_certificate()
+    except crypto.X509StoreContextError as exc:
+        raise ServiceError(f"{where} returned a certificate that does not verify against the bundle: {exc}") from None
+    return spiffe_id
