@@ -71,3 +71,46 @@ async def connect(endpoint: Endpoint, timeout: float) -> socket.socket:
                 last = exc
         raise last or OSError(errno.EHOSTUNREACH, f"no address for {endpoint}")
     raise OSError(errno.ETIMEDOUT, f"connect to {endpoint} timed out after {timeout:g}s")
+
+
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_BACKOFF = 0.05  # seconds between accept attempts while out of descriptors
+
+
+async def accept_loop(lsock: socket.socket, on_connection, log, *, listener: str) -> None:
+    """Accept on ``lsock`` (listening, non-blocking) until cancelled; hand each connection over.
+
+    ``on_connection(sock, addr)`` is called synchronously with a non-blocking socket and owns it
+    from then on: it must start a task that closes it, or close it itself. The one error policy of
+    every listener (sidecar ports, admin, ``ca serve``):
+
+    - out of descriptors or buffers: log ``accept_failed`` once per episode, retry every
+      ``ACCEPT_BACKOFF`` seconds (the connection waits in the backlog meanwhile);
+    - a connection aborted before we took it (ECONNABORTED, EPROTO): skip it silently;
+    - anything else is a bug or a closed listener: it propagates.
+
+    ``lsock`` is not closed here; its owner closes it after cancelling this loop.
+    """
+    out_of_resources_logged = False
+    while True:
+        try:
+            sock, addr = lsock.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(lsock)
+            continue
+        except OSError as exc:
+            if exc.errno in OUT_OF_RESOURCES:
+                if not out_of_resources_logged:
+                    log.emit(
+                        "error", "accept_failed", listener=listener,
+                        detail=f"{exc.strerror}; new connections wait until descriptors free up",
+                    )
+                    out_of_resources_logged = True
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                continue
+            raise
+        out_of_resources_logged = False
+        sock.setblocking(False)
+        on_connection(sock, addr)
