@@ -14,6 +14,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+from mtls.endpoints import parse_endpoint
 from mtls.events import EventLog
 from mtls.sockets import listen_socket
 from proxy.admin import (
@@ -23,7 +24,6 @@ from proxy.admin import (
     health_main,
     serve_admin,
 )
-from proxy.config import parse_endpoint
 from proxy.metrics import Metrics
 
 EXPIRED = "identity spiffe://example.org/ns/prod/sa/web expired at 2024-01-01T00:00:00+00:00"

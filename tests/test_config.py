@@ -12,18 +12,17 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mtls.endpoints import Endpoint, parse_endpoint
 from mtls.spiffe import parse_pattern
 from proxy.config import (
     AdminConfig,
     ConfigError,
-    Endpoint,
     Limits,
     LogConfig,
     RenewConfig,
     Timeouts,
     load_config,
     parse_config,
-    parse_endpoint,
 )
 
 SOURCE = Path("config.yaml")

@@ -1,0 +1,105 @@
+"""What a valid config file becomes: one frozen dataclass per section, gathered in ``Config``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtls.endpoints import Endpoint
+from mtls.spiffe import IdPattern
+
+DEFAULT_RENEW_AT = 0.66
+
+
+@dataclass(frozen=True)
+class RenewConfig:
+    url: str
+    at: float = DEFAULT_RENEW_AT  # renew when this fraction of the lifetime has passed, 0 < at < 1
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    cert: Path
+    key: Path
+    bundle: Path
+    crl: Path | None
+    renew: RenewConfig | None
+
+
+@dataclass(frozen=True)
+class InboundConfig:
+    name: str
+    listen: Endpoint
+    forward: Endpoint
+    allow: tuple[IdPattern, ...]
+    mode: str  # "enforce" | "audit"
+    proxy_protocol: bool
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    name: str
+    listen: Endpoint
+    connect: Endpoint
+    expect: tuple[IdPattern, ...]
+    server_name: str | None
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: Endpoint
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    handshake: float = 10.0
+    connect: float = 5.0
+    idle: float = 3600.0
+    drain: float = 30.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS 1.3 session resumption between sidecars (off by default: every connection is a full handshake)."""
+
+    session_resumption: bool = False
+    session_lifetime: float = 3600.0  # also capped by the certificates' remaining life
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole file. Each field but ``source`` is one top-level section, named as in the YAML."""
+
+    identity: IdentityConfig
+    inbound: tuple[InboundConfig, ...]
+    outbound: tuple[OutboundConfig, ...]
+    admin: AdminConfig | None
+    timeouts: Timeouts
+    limits: Limits
+    log: LogConfig
+    source: Path  # the config file, as given to load_config / parse_config
+    tls: TlsConfig = TlsConfig()
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, one ``FILE:LINE: key.path: message`` string each.
+
+    ``identity`` is the identity section when that section alone was valid, so ``proxy check`` can
+    go on to report problems with the certificate files in the same run.
+    """
+
+    def __init__(self, problems: list[str], identity: IdentityConfig | None = None):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+        self.identity = identity
