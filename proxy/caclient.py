@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 import h11
@@ -18,20 +19,17 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 from mtls.endpoints import Endpoint, server_name_for
+from mtls.httpserve import PEM_CHAIN, next_event
+from mtls.reasons import NOT_SVID
 from mtls.sockets import connect
-from mtls.spiffe import SERVER, NotSvid, SpiffeId, svid_id
-from mtls.tlsio import (
-    PEM_CHAIN,
-    TlsStream,
-    ssl_failure_text,
-    tls13_context,
-    x509_error_text,
-)
+from mtls.spiffe import SERVER, SpiffeId
+from mtls.tlsio import TlsStream, present, ssl_error_text, tls13_context, trust
+from mtls.trust import TrustStore, VerifyError, x509_error_text
 
-SERVICE_PATH = "/ca"  # the CA service's ID is spiffe://TD/ca (ca.operations.service_id)
+SERVICE_PATH = "/ca"  # the CA service's ID is spiffe://TD/ca (ca.issuance.service_id)
 REQUEST_TIMEOUT = 10.0  # seconds for connect + handshake + request + response
 MAX_RESPONSE_BYTES = 1024 * 1024
 
@@ -66,16 +64,10 @@ def client_context(
 ) -> SSL.Context:
     """TLS 1.3 client context: verifies the server against ``roots``; presents ``chain`` + ``key`` if given."""
     ctx = tls13_context()
-    store = ctx.get_cert_store()
-    for root in roots:
-        store.add_cert(crypto.X509.from_cryptography(root))
+    trust(ctx, roots)
     ctx.set_verify(SSL.VERIFY_PEER, _record_verify_error)
     if chain:
-        ctx.use_certificate(chain[0])
-        for intermediate in chain[1:]:
-            ctx.add_extra_chain_cert(intermediate)
-        ctx.use_privatekey(key)
-        ctx.check_privatekey()
+        present(ctx, chain, key)
     return ctx
 
 
@@ -144,13 +136,8 @@ async def post(
             sock = await connect(url.endpoint, timeout)
         except OSError as exc:
             raise ServiceError(f"cannot connect to {where}: {exc.strerror or exc}", code="unreachable") from None
-        notes: dict = {}
-        conn = SSL.Connection(ctx, sock)
-        conn.set_app_data(notes)
-        if url.server_name:
-            conn.set_tlsext_host_name(url.server_name.encode("idna"))
-        conn.set_connect_state()
-        stream = TlsStream(conn, sock)
+        notes: dict = {}  # _record_verify_error's
+        stream = TlsStream(ctx, sock, server_side=False, server_name=url.server_name, app_data=notes)
         try:
             try:
                 await stream.handshake()
@@ -161,12 +148,12 @@ async def post(
                         f"{where} presented a certificate that does not verify against our trust bundle: {why}",
                         code="untrusted_service",
                     ) from None
-                raise ServiceError(f"TLS handshake with {where} failed: {ssl_failure_text(exc)}",
+                raise ServiceError(f"TLS handshake with {where} failed: {ssl_error_text(exc)}",
                                    code="handshake_failed") from None
-            _check_service_identity(conn, where, expect_trust_domain)
+            _check_service_identity(stream.conn, where, expect_trust_domain)
             return await _exchange(stream, url, path, body, content_type)
         except (SSL.Error, OSError) as exc:
-            raise ServiceError(f"connection to {where} failed: {ssl_failure_text(exc)}",
+            raise ServiceError(f"connection to {where} failed: {ssl_error_text(exc)}",
                                code="connection_lost") from None
         except h11.ProtocolError as exc:
             raise ServiceError(f"{where} did not answer like HTTP/1.1: {exc}", code="bad_answer") from None
@@ -177,14 +164,18 @@ async def post(
 
 
 def _check_service_identity(conn: SSL.Connection, where: str, trust_domain: str | None) -> SpiffeId:
-    peer = conn.get_peer_certificate()
-    if peer is None:
+    """The service's chain, as OpenSSL verified it against our bundle, must pass the shared verifier's
+    rules, and its leaf must name the CA service of ``trust_domain`` (any trust domain when None)."""
+    chain = conn.get_verified_chain(as_cryptography=True)
+    if not chain:
         raise ServiceError(f"{where} presented no certificate", code="untrusted_service")
     try:
-        server_id = svid_id(peer.to_cryptography(), SERVER)
-    except NotSvid as exc:
-        raise ServiceError(f"{where} presented a certificate that is not an X.509-SVID: {exc}",
-                           code="untrusted_service") from None
+        # The root OpenSSL ended at is one of our bundle's; the ID's trust domain is checked below.
+        rules = TrustStore.for_leaf(chain[0], chain[-1:], role=SERVER)
+        server_id = rules.check_path(chain, role=SERVER, now=datetime.now(timezone.utc)).spiffe_id
+    except VerifyError as exc:
+        what = "that is not an X.509-SVID" if exc.reason == NOT_SVID else "we do not accept"
+        raise ServiceError(f"{where} presented a certificate {what}: {exc.detail}", code="untrusted_service") from None
     domain_ok = trust_domain is None or server_id.trust_domain == trust_domain
     if server_id.path != SERVICE_PATH or not domain_ok:
         expected = f"spiffe://{trust_domain or 'TD'}{SERVICE_PATH}"
@@ -211,10 +202,7 @@ async def _exchange(stream: TlsStream, url: ServiceUrl, path: str, body: bytes, 
     response = None
     received = bytearray()
     while True:
-        event = client.next_event()
-        if event is h11.NEED_DATA:
-            client.receive_data(await stream.receive_some())
-            continue
+        event = await next_event(stream, client)
         if isinstance(event, h11.Response):
             response = event
         elif isinstance(event, h11.Data):

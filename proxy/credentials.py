@@ -7,9 +7,11 @@ earlier one failed, and all problems are raised together in CredentialError, eac
 what to do. Nothing here mutates shared state: a reload builds a new value, and the caller swaps it in
 with one assignment, or keeps the old one when this raises.
 
-The chain is verified by OpenSSL (pyOpenSSL), the same engine that verifies peers on the data path,
-with time checks switched off; validity windows are then checked here, for every certificate of the
-verified path, so an expired certificate gets a message saying which one and when.
+The chain is checked by the shared verifier (``mtls.trust``), the one that decides about peers in the
+handshake: its path is built by OpenSSL with time checks switched off, then validity and revocation
+are decided by the trust store's rules for every certificate of the path and put in words here, all of
+them, so an expired certificate gets a message saying which one and when. The bundle holds the roots
+of our own trust domain (the one in our own SPIFFE ID); CRLs are bound to the CA that signed them.
 """
 
 from __future__ import annotations
@@ -23,19 +25,18 @@ from types import MappingProxyType
 from typing import Mapping
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from OpenSSL import crypto
 
 from mtls.durations import roughly
 from mtls.files import FileStamp
+from mtls.reasons import EXPIRED, NOT_YET_VALID
 from mtls.spiffe import NotSvid, SpiffeId, svid_id
+from mtls.trust import TrustStore, VerifyError, build_path, validity
 from proxy.config import IdentityConfig
 
 EXPIRY_WARNING = timedelta(hours=24)
-# X509_V_FLAG_NO_CHECK_TIME from OpenSSL's x509_vfy.h; pyOpenSSL has no name for it.
-_NO_CHECK_TIME = 0x200000
 # OpenSSL verify errors meaning "no issuer found for this certificate".
 _NO_ISSUER_ERRORS = (2, 20)  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT(_LOCALLY)
 
@@ -50,18 +51,23 @@ class Credentials:
 
     cert_chain: tuple[x509.Certificate, ...]  # leaf first, then intermediates, as in the cert file
     key: PrivateKeyTypes
-    bundle: tuple[x509.Certificate, ...]  # trust roots (several during CA rotation)
-    crls: tuple[x509.CertificateRevocationList, ...]  # only CRLs whose signature verified
+    bundle: tuple[x509.Certificate, ...]  # trust roots of our trust domain (several during CA rotation)
+    crls: tuple[x509.CertificateRevocationList, ...]  # only CRLs bound to a CA of a bundle
+    trust: TrustStore  # bundles and CRLs as the verifier uses them: peers are checked against this
     spiffe_id: SpiffeId  # of our own leaf
     not_before: datetime  # leaf validity, UTC aware
     not_after: datetime
-    revoked_serials: frozenset[int]  # from all trusted CRLs, for checking peers quickly
     config: IdentityConfig  # the paths these were read from
     files: Mapping[Path, FileStamp]  # stamp of each file, taken just before it was read
 
     @property
     def leaf(self) -> x509.Certificate:
         return self.cert_chain[0]
+
+    @property
+    def revoked_serials(self) -> frozenset[int]:
+        """Every serial our CRLs list, for counting; whether a peer is revoked is ``trust``'s decision."""
+        return self.trust.revoked_serials
 
 
 class CredentialError(Exception):
@@ -106,12 +112,15 @@ def load_credentials(identity: IdentityConfig, *, now: datetime | None = None) -
     path = _verified_path(identity, chain, trusted_roots, problems) if chain and trusted_roots else None
     for cert in path or chain:
         _check_validity(identity.bundle if cert in bundle else identity.cert, cert, now, problems)
-    crl_issuers = tuple(path or chain[1:]) + tuple(trusted_roots)
-    if identity.crl and crl_data is not None:
-        crl_issuers += _crl_file_intermediates(identity.crl, crl_data, trusted_roots)
-    trusted_crls = _trusted_crls(identity, crls, crl_issuers, problems)
-    for position, cert in enumerate(chain):
-        _check_not_revoked(identity, cert, position, trusted_crls, problems)
+    trust = None
+    if spiffe_id is not None:  # the bundle is our trust domain's: without our ID, CRLs cannot be bound
+        authorities = tuple(path or chain[1:])
+        if identity.crl and crl_data is not None:
+            authorities += _crl_file_authorities(identity.crl, crl_data)
+        trust = TrustStore({spiffe_id.trust_domain: trusted_roots}, crls=crls, authorities=authorities)
+        if path is not None:  # else no CA of ours is known to chain to the bundle: that one problem says it
+            _report_untrusted_crls(identity, crls, trust, problems)
+            _check_not_revoked(identity, path, trust, problems)
 
     if problems:
         raise CredentialError(problems)
@@ -120,11 +129,11 @@ def load_credentials(identity: IdentityConfig, *, now: datetime | None = None) -
         cert_chain=chain,
         key=key,
         bundle=bundle,
-        crls=trusted_crls,
+        crls=trust.crls,
+        trust=trust,
         spiffe_id=spiffe_id,
         not_before=leaf.not_valid_before_utc,
         not_after=leaf.not_valid_after_utc,
-        revoked_serials=frozenset(r.serial_number for crl in trusted_crls for r in crl),
         config=identity,
         files=MappingProxyType(stamps),
     )
@@ -211,29 +220,25 @@ def _no_pem_reason(data: bytes, text: str) -> str:
 
 
 def _certificates(path: Path, data: bytes | None, problems: list[str]) -> tuple[x509.Certificate, ...]:
-    if data is None:
-        return ()
-    certs = []
-    blocks = _pem_blocks(path, data, _CERTIFICATE, "certificate", problems)
-    for number, block in enumerate(blocks, 1):
-        try:
-            certs.append(x509.load_pem_x509_certificate(block))
-        except ValueError as exc:
-            problems.append(f"{path}: certificate #{number} cannot be parsed: {exc}")
-    return tuple(certs) if len(certs) == len(blocks) else ()
+    return _parsed(path, data, _CERTIFICATE, "certificate", x509.load_pem_x509_certificate, problems)
 
 
 def _crls(path: Path, data: bytes | None, problems: list[str]) -> tuple[x509.CertificateRevocationList, ...]:
+    return _parsed(path, data, _CRL, "CRL", x509.load_pem_x509_crl, problems)
+
+
+def _parsed(path: Path, data: bytes | None, label: str, what: str, load, problems: list[str]) -> tuple:
+    """Every PEM block of ``data`` labelled ``label``, parsed with ``load``; nothing if one fails."""
     if data is None:
         return ()
-    crls = []
-    blocks = _pem_blocks(path, data, _CRL, "CRL", problems)
+    items = []
+    blocks = _pem_blocks(path, data, label, what, problems)
     for number, block in enumerate(blocks, 1):
         try:
-            crls.append(x509.load_pem_x509_crl(block))
+            items.append(load(block))
         except ValueError as exc:
-            problems.append(f"{path}: CRL #{number} cannot be parsed: {exc}")
-    return tuple(crls)
+            problems.append(f"{path}: {what} #{number} cannot be parsed: {exc}")
+    return tuple(items) if len(items) == len(blocks) else ()
 
 
 def _private_key(path: Path, data: bytes | None, problems: list[str]) -> PrivateKeyTypes | None:
@@ -297,116 +302,79 @@ def _verified_path(
     chain: tuple[x509.Certificate, ...],
     roots: list[x509.Certificate],
     problems: list[str],
-) -> list[x509.Certificate] | None:
+) -> tuple[x509.Certificate, ...] | None:
     """The path leaf -> root that OpenSSL builds (times unchecked), or None after recording why not."""
-    store = crypto.X509Store()
-    for root in roots:
-        store.add_cert(crypto.X509.from_cryptography(root))
-    store.set_flags(_NO_CHECK_TIME)
-    context = crypto.X509StoreContext(
-        store,
-        crypto.X509.from_cryptography(chain[0]),
-        [crypto.X509.from_cryptography(cert) for cert in chain[1:]],
-    )
     try:
-        return [cert.to_cryptography() for cert in context.get_verified_chain()]
-    except crypto.X509StoreContextError as exc:
-        code, depth, message = exc.errors
-        at = _subject(exc.certificate.to_cryptography())
+        return build_path(chain[0], chain[1:], roots)
+    except VerifyError as exc:
+        failure = exc.x509
+        at = _subject(failure.certificate) if failure.certificate is not None else "?"
         hint = ""
-        if code in _NO_ISSUER_ERRORS:
+        if failure.code in _NO_ISSUER_ERRORS:
             if len(chain) == 1:
                 hint = "; the file holds only the leaf: append its intermediate CA certificate"
             else:
                 hint = f"; is {identity.bundle} the bundle of the CA that issued this certificate?"
         problems.append(
-            f"{identity.cert}: the chain does not verify against {identity.bundle}: {message} "
-            f"(at {at}, depth {depth}){hint}"
+            f"{identity.cert}: the chain does not verify against {identity.bundle}: {failure.text} "
+            f"(at {at}, depth {failure.depth}){hint}"
         )
         return None
 
 
 def _check_validity(path: Path, cert: x509.Certificate, now: datetime, problems: list[str]) -> None:
     what = "certificate" if not _is_ca(cert) else "CA certificate"
-    if now >= cert.not_valid_after_utc:
+    reason = validity(cert, now)
+    if reason == EXPIRED:
         problems.append(
             f"{path}: {what} {_subject(cert)} expired {_when(cert.not_valid_after_utc)} "
             f"({roughly(now - cert.not_valid_after_utc)} ago); install a renewed one"
         )
-    elif now < cert.not_valid_before_utc:
+    elif reason == NOT_YET_VALID:
         problems.append(
             f"{path}: {what} {_subject(cert)} is not valid until {_when(cert.not_valid_before_utc)} "
             f"(in {roughly(cert.not_valid_before_utc - now)}); check this machine's clock"
         )
 
 
-def _trusted_crls(
+def _report_untrusted_crls(
     identity: IdentityConfig,
     crls: tuple[x509.CertificateRevocationList, ...],
-    issuers: tuple[x509.Certificate, ...],
+    trust: TrustStore,
     problems: list[str],
-) -> tuple[x509.CertificateRevocationList, ...]:
-    """The CRLs signed by one of ``issuers`` (our verified path and the bundle's roots); a problem for
-    each other one, since it cannot be trusted."""
-    trusted = []
+) -> None:
+    """A problem for each CRL the trust store could not bind to a CA of our bundle: it cannot be trusted."""
     for number, crl in enumerate(crls, 1):
-        if any(cert.subject == crl.issuer and _crl_signed_by(crl, cert) for cert in issuers):
-            trusted.append(crl)
-        else:
+        if any(crl is rejected for rejected in trust.rejected_crls):
             problems.append(
                 f"{identity.crl}: CRL #{number} (issuer {_name(crl.issuer)}) is not signed by any CA in "
                 f"{identity.cert} or {identity.bundle}, so it cannot be trusted; fetch it from our CA (ca crl)"
             )
-    return tuple(trusted)
 
 
-def _crl_file_intermediates(
-    path: Path, data: bytes, roots: list[x509.Certificate]
-) -> tuple[x509.Certificate, ...]:
-    """CA certificates that travel in the CRL file (``ca crl`` puts each intermediate before its CRL
-    while a rotation keeps two generations trusted) and that a root of our bundle signed: a CRL of
-    the other generation's intermediate is checked against them. Anything else in the file is ignored."""
+def _crl_file_authorities(path: Path, data: bytes) -> tuple[x509.Certificate, ...]:
+    """CA certificates that travel in the CRL file: ``ca crl`` puts each intermediate before its CRL
+    while a rotation keeps two generations trusted, so that the CRL of the other generation's
+    intermediate can be bound to it. The trust store uses only those that chain to our bundle."""
     found = []
     for block in _pem_blocks(path, data, _CERTIFICATE, "certificate", []):
         try:
-            cert = x509.load_pem_x509_certificate(block)
+            found.append(x509.load_pem_x509_certificate(block))
         except ValueError:
             continue
-        if not _is_ca(cert):
-            continue
-        for root in roots:
-            try:
-                cert.verify_directly_issued_by(root)
-            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-                continue
-            found.append(cert)
-            break
     return tuple(found)
 
 
-def _crl_signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
-    try:
-        return crl.is_signature_valid(issuer.public_key())
-    except (TypeError, ValueError, UnsupportedAlgorithm):
-        return False
-
-
 def _check_not_revoked(
-    identity: IdentityConfig,
-    cert: x509.Certificate,
-    position: int,
-    crls: tuple[x509.CertificateRevocationList, ...],
-    problems: list[str],
+    identity: IdentityConfig, path: tuple[x509.Certificate, ...], trust: TrustStore, problems: list[str]
 ) -> None:
-    for crl in crls:
-        if crl.issuer != cert.issuer:
-            continue
-        if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
-            what = "our own certificate" if position == 0 else f"our intermediate {_subject(cert)}"
-            problems.append(
-                f"{identity.crl}: {what} (serial {cert.serial_number:x}) is revoked by the CRL from "
-                f"{_name(crl.issuer)}; install a newly issued certificate"
-            )
+    for revoked in trust.revocations(path):
+        cert = revoked.certificate
+        what = "our own certificate" if revoked.position == 0 else f"our intermediate {_subject(cert)}"
+        problems.append(
+            f"{identity.crl}: {what} (serial {cert.serial_number:x}) is revoked by the CRL from "
+            f"{_name(revoked.crl.issuer)}; install a newly issued certificate"
+        )
 
 
 # --- small helpers ----------------------------------------------------------------------------

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import crypto
 
 from mtls.files import KEY_MODE, write_atomically
-from mtls.spiffe import NotSvid, SpiffeId, svid_id
+from mtls.reasons import NOT_SVID
+from mtls.spiffe import SpiffeId
+from mtls.trust import TrustStore, VerifyError
 from proxy.caclient import (
     ServiceError,
     ServiceUrl,
@@ -64,7 +66,7 @@ def enroll_main(url: str, token: str, bundle: Path, out: Path, out_stream: TextI
         return fail(1, f"{url} refused the enrollment ({answered}): {detail}")
     try:
         chain = chain_from(answer, url)
-        spiffe_id = _check_issued(chain, key, roots, url)
+        spiffe_id = _check_issued(chain, key, roots, url, now=datetime.now(timezone.utc))
     except ServiceError as exc:
         return fail(2, exc.detail)
     try:
@@ -84,23 +86,16 @@ def enroll_main(url: str, token: str, bundle: Path, out: Path, out_stream: TextI
     return 0
 
 
-def _check_issued(chain: list[x509.Certificate], key, roots, where: str) -> SpiffeId:
-    """The returned certificate must be an SVID over our key that chains to ``roots``."""
+def _check_issued(chain: list[x509.Certificate], key, roots, where: str, *, now: datetime) -> SpiffeId:
+    """The returned certificate must be over our key and pass the shared chain verifier against
+    ``roots``, taken as the bundle of the trust domain the certificate names."""
     leaf = chain[0]
     if not same_key(leaf, key):
         raise ServiceError(f"{where} returned a certificate for another key than the one we sent")
     try:
-        spiffe_id = svid_id(leaf)
-    except NotSvid as exc:
-        raise ServiceError(f"{where} returned a certificate that is not an X.509-SVID: {exc}") from None
-    store = crypto.X509Store()
-    for root in roots:
-        store.add_cert(crypto.X509.from_cryptography(root))
-    context = crypto.X509StoreContext(
-        store, crypto.X509.from_cryptography(leaf), [crypto.X509.from_cryptography(c) for c in chain[1:]]
-    )
-    try:
-        context.verify_certificate()
-    except crypto.X509StoreContextError as exc:
+        trust = TrustStore.for_leaf(leaf, roots)
+        return trust.verify(leaf, chain[1:], role=None, now=now).spiffe_id
+    except VerifyError as exc:
+        if exc.reason == NOT_SVID:
+            raise ServiceError(f"{where} returned a certificate that is not an X.509-SVID: {exc.detail}") from None
         raise ServiceError(f"{where} returned a certificate that does not verify against the bundle: {exc}") from None
-    return spiffe_id

@@ -5,10 +5,11 @@ Theory of operation
 OpenSSL verifies the peer's chain against our bundle and calls ``_verify`` once per certificate,
 from the root down to the leaf. The first error it reports (expired, unknown CA, wrong purpose...)
 is recorded on the connection's ``PeerCheck`` and the handshake is aborted, which makes OpenSSL
-send a fatal alert to the peer. When the leaf itself arrives with the chain verified, we apply our
-own rules: the CRL serials we loaded, the X.509-SVID profile, then the listener's policy. Refusing
-there, inside the handshake, means the peer receives a fatal alert instead of a silent close, and
-no byte of application data is ever exchanged with a peer we have not authorized.
+send a fatal alert to the peer. When the leaf itself arrives with the chain verified, we apply the
+trust store's rules to the path OpenSSL built (``mtls.trust``: the X.509-SVID profile, the leaf's
+trust domain against the root's, each certificate against its issuer's CRL), then the listener's
+policy. Refusing there, inside the handshake, means the peer receives a fatal alert instead of a
+silent close, and no byte of application data is ever exchanged with a peer we have not authorized.
 
 One pair of contexts exists per credential generation; a reload builds new ones and swaps them in,
 so connections that already exist keep the SSL objects (and certificates) they started with.
@@ -16,52 +17,44 @@ so connections that already exist keep the SSL objects (and certificates) they s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 from cryptography import x509
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
 from mtls import reasons
-from mtls.spiffe import NotSvid, SpiffeId, svid_id
-from mtls.tlsio import TLS13_CIPHERSUITES, x509_error_text
-
-MAX_CHAIN_DEPTH = 4
-
-# OpenSSL X509_V_ERR_* codes that map to our reason codes; anything else is untrusted_ca.
-_X509_ERROR_REASONS = {
-    9: reasons.NOT_YET_VALID,  # X509_V_ERR_CERT_NOT_YET_VALID
-    10: reasons.EXPIRED,  # X509_V_ERR_CERT_HAS_EXPIRED
-    23: reasons.REVOKED,  # X509_V_ERR_CERT_REVOKED
-    26: reasons.NOT_SVID,  # X509_V_ERR_INVALID_PURPOSE (wrong extendedKeyUsage)
-    66: reasons.NOT_SVID,  # X509_V_ERR_EE_KEY_TOO_SMALL
-}
+from mtls.spiffe import SpiffeId
+from mtls.tlsio import present, tls13_context, trust
+from mtls.trust import MAX_INTERMEDIATES, TrustStore, VerifyError, chain_of
 
 
 class PeerCheck:
     """What the verify callback learned about one peer. Lives exactly as long as its connection.
 
-    ``authorize`` is the listener's policy as it was when the connection was accepted.
+    ``authorize`` is the listener's policy and ``trust`` the bundles and CRLs (``Credentials.trust``),
+    both as they were when the connection was accepted. ``path`` is the peer's verified chain, leaf
+    first (None for a resumed session), which a reload can check again with the new trust store.
     """
 
     __slots__ = (
-        "role", "authorize", "revoked_serials", "audit", "failure", "peer_id", "decision", "serial", "not_after",
-        "resumed",
+        "role", "authorize", "trust", "audit", "failure", "peer_id", "decision", "serial", "not_after",
+        "resumed", "path",
     )
 
     def __init__(
         self,
         role: str,
         authorize: Callable[[SpiffeId], reasons.Decision],
-        revoked_serials: frozenset[int],
+        trust: TrustStore,
         audit: bool = False,
     ):
         self.role = role  # CLIENT when the peer is a client (inbound), SERVER when it is a server
         self.authorize = authorize
-        self.revoked_serials = revoked_serials
+        self.trust = trust
         self.audit = audit
         self.failure: tuple[str, str] | None = None  # (reason code, detail)
         self.peer_id: SpiffeId | None = None
@@ -69,30 +62,59 @@ class PeerCheck:
         self.serial: int | None = None
         self.not_after: datetime | None = None
         self.resumed = False
-
-    def check_resumed(self, cert: x509.Certificate, now: datetime) -> bool:
-        """A resumed session skipped the certificate exchange: check its stored peer certificate again."""
-        if now >= cert.not_valid_after_utc:
-            return self.fail(reasons.EXPIRED, "peer certificate has expired")
-        if now < cert.not_valid_before_utc:
-            return self.fail(reasons.NOT_YET_VALID, "peer certificate is not yet valid")
-        self.resumed = True
-        return self.check_leaf(cert)
+        self.path: tuple[x509.Certificate, ...] | None = None
 
     def fail(self, reason: str, detail: str) -> bool:
         if self.failure is None:
             self.failure = (reason, detail)
         return False
 
-    def check_leaf(self, cert: x509.Certificate) -> bool:
-        self.serial = cert.serial_number
-        self.not_after = cert.not_valid_after_utc
-        if cert.serial_number in self.revoked_serials:
-            return self.fail(reasons.REVOKED, f"certificate serial {cert.serial_number:x} is listed on the CRL")
+    def refused_by_openssl(self, code: int, depth: int, chain: Sequence[x509.Certificate]) -> None:
+        """OpenSSL refused the chain with X509_V_ERR_* ``code`` at ``depth``: record why, in our words.
+
+        OpenSSL checks name constraints after it showed us the leaf, so ``check_path`` may have
+        accepted an ID that is refused now: it was not verified after all.
+        """
+        error = self.trust.refusal(code, depth, chain, role=self.role)
+        self.peer_id = self.path = None
+        self.fail(error.reason, error.detail)
+
+    def check_path(self, path: Sequence[x509.Certificate], now: datetime) -> bool:
+        """The chain OpenSSL verified (leaf first): the trust store's rules (``TrustStore.check_path``),
+        with the listener's policy asked between ``identify`` and ``check_vouched``, so that an ID this
+        port does not allow is refused for that (the refusal names the port's rules) whatever its
+        chain, and an allowed one, or any in audit mode, must still be vouched for by its own trust domain."""
+        self._note(path[0])
         try:
-            peer_id = svid_id(cert, self.role)
-        except NotSvid as exc:
-            return self.fail(reasons.NOT_SVID, str(exc))
+            peer_id = self.trust.identify(path, role=self.role, now=now)
+            if not self._authorize(peer_id):
+                return False
+            self.trust.check_vouched(peer_id, path)
+        except VerifyError as exc:
+            self.peer_id = None  # not vouched for: no verified ID to log
+            return self.fail(exc.reason, exc.detail)
+        self.path = tuple(path)
+        return True
+
+    def check_resumed(self, cert: x509.Certificate, now: datetime) -> bool:
+        """A resumed session skipped the certificate exchange: check its stored peer certificate again.
+
+        The session's ticket was sealed by a context of this same generation, so its chain was
+        verified against this same trust store; what may have changed since is the time.
+        """
+        self._note(cert)
+        try:
+            peer_id = self.trust.check_leaf(cert, role=self.role, now=now)
+        except VerifyError as exc:
+            return self.fail(exc.reason, exc.detail)
+        self.resumed = True
+        return self._authorize(peer_id)
+
+    def _note(self, leaf: x509.Certificate) -> None:
+        self.serial = leaf.serial_number
+        self.not_after = leaf.not_valid_after_utc
+
+    def _authorize(self, peer_id: SpiffeId) -> bool:
         self.peer_id = peer_id
         decision = self.authorize(peer_id)
         self.decision = decision
@@ -103,11 +125,18 @@ class PeerCheck:
 
 # The X509_V_ERR_* code we leave on the store context when *we* refuse a leaf; OpenSSL turns it
 # into the fatal alert the peer receives (ssl_x509err2alert): handshake_failure for a policy
-# refusal, bad_certificate for a non-SVID, certificate_revoked for a CRL hit.
-_X509_V_ERR_CERT_REJECTED = 28
+# refusal, bad_certificate for a non-SVID, certificate_revoked for a CRL hit, unknown_ca for a
+# chain whose root does not vouch for the leaf's trust domain.
+_X509_V_ERR_CERT_NOT_YET_VALID = 9
+_X509_V_ERR_CERT_HAS_EXPIRED = 10
+_X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY = 20
 _X509_V_ERR_CERT_REVOKED = 23
+_X509_V_ERR_CERT_REJECTED = 28
 _X509_V_ERR_APPLICATION_VERIFICATION = 50
 _REFUSAL_X509_ERRORS = {
+    reasons.NOT_YET_VALID: _X509_V_ERR_CERT_NOT_YET_VALID,
+    reasons.EXPIRED: _X509_V_ERR_CERT_HAS_EXPIRED,
+    reasons.UNTRUSTED_CA: _X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY,
     reasons.REVOKED: _X509_V_ERR_CERT_REVOKED,
     reasons.NOT_SVID: _X509_V_ERR_CERT_REJECTED,
 }
@@ -125,16 +154,11 @@ def _verify(ok: int, store_ctx) -> int:
         check = SSL.Connection._reverse_mapping[ssl].get_app_data()
         depth = _lib.X509_STORE_CTX_get_error_depth(store_ctx)
         if not ok:
-            errno = _lib.X509_STORE_CTX_get_error(store_ctx)
-            reason = _X509_ERROR_REASONS.get(errno, reasons.UNTRUSTED_CA)
-            where = "peer certificate" if depth == 0 else f"certificate at chain depth {depth}"
-            check.fail(reason, f"{where}: {x509_error_text(errno)}")
+            check.refused_by_openssl(_lib.X509_STORE_CTX_get_error(store_ctx), depth, chain_of(store_ctx))
             return 0
         if depth != 0:
             return 1
-        raw = _lib.X509_STORE_CTX_get_current_cert(store_ctx)
-        _lib.X509_up_ref(raw)
-        if check.check_leaf(crypto.X509._from_raw_x509_ptr(raw).to_cryptography()):
+        if check.check_path(chain_of(store_ctx), datetime.now(timezone.utc)):
             return 1
         reason = check.failure[0] if check.failure else reasons.HANDSHAKE_FAILED
         _lib.X509_STORE_CTX_set_error(
@@ -160,23 +184,12 @@ class TlsContexts:
 
 
 def _base_context(creds, verify_mode: int, *, tickets: bool = False) -> SSL.Context:
-    ctx = SSL.Context(SSL.TLS_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
-    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | (0 if tickets else SSL.OP_NO_TICKET))
-    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    ctx.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
-    ctx.use_certificate(creds.cert_chain[0])
-    for intermediate in creds.cert_chain[1:]:
-        ctx.add_extra_chain_cert(intermediate)
-    ctx.use_privatekey(creds.key)
-    ctx.check_privatekey()
-    store = ctx.get_cert_store()
-    for root in creds.bundle:
-        store.add_cert(crypto.X509.from_cryptography(root))
+    ctx = tls13_context(tickets=tickets)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # idle relayed connections hold no TLS buffers
+    present(ctx, creds.cert_chain, creds.key)
+    trust(ctx, creds.bundle)
     _lib.SSL_CTX_set_verify(ctx._context, verify_mode, _verify_callback)
-    ctx.set_verify_depth(MAX_CHAIN_DEPTH)
+    ctx.set_verify_depth(MAX_INTERMEDIATES)
     return ctx
 
 

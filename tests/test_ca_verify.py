@@ -8,36 +8,28 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from ca_helpers import (
-    NOW,
-    WEB,
-    assert_one_line_error,
-    memory_ca,
-    run_ca,
-    write_chain,
-    write_pem,
-)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from support.ca_cli import assert_one_line_error, run_ca
+from support.certs import NOW, WEB, Authority, write_pem
 
 from ca.authority import Issuer, Revocation, generate_key, new_serial
-from ca.verify import (
+from ca.verify import CrlError, verify_svid_chain
+from mtls.reasons import (
     EXPIRED,
     IDENTITY_NOT_ALLOWED,
     NOT_SVID,
     NOT_YET_VALID,
     REVOKED,
     UNTRUSTED_CA,
-    CrlError,
-    VerifyError,
-    verify_svid_chain,
 )
 from mtls.spiffe import CLIENT, parse_pattern
+from mtls.trust import VerifyError
 
 
 @pytest.fixture(scope="module")
 def ca():
-    return memory_ca(now=NOW - timedelta(days=30))
+    return Authority.from_library(now=NOW - timedelta(days=30))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +82,7 @@ def test_accepts_chain_with_root_included_in_the_file(ca, web):
 
 
 def test_untrusted_ca_for_chain_of_another_ca(web):
-    other = memory_ca()
+    other = Authority.from_library()
     error = _reason(other, web)
     assert error.reason == UNTRUSTED_CA
     assert "does not chain to a trusted root" in error.detail
@@ -104,7 +96,7 @@ def test_untrusted_ca_when_the_intermediate_is_missing(ca, web):
 
 
 def test_untrusted_ca_when_a_signature_is_forged(ca, web):
-    impostor = memory_ca()  # same names, other keys
+    impostor = Authority.from_library()  # same names, other keys
     forged = _rebuild(web, signer=impostor.issuer)
     assert _reason(ca, forged).reason == UNTRUSTED_CA
 
@@ -124,7 +116,7 @@ def test_not_yet_valid_leaf(ca):
 
 
 def test_expired_intermediate_is_named(web):
-    old = memory_ca(now=NOW - timedelta(days=400), ttl=timedelta(days=365))
+    old = Authority.from_library(now=NOW - timedelta(days=400), ttl=timedelta(days=365))
     leaf = _rebuild(web, signer=old.issuer, validity=(NOW - timedelta(hours=1), NOW + timedelta(hours=1)))
     error = _reason(old, leaf)
     assert error.reason == EXPIRED
@@ -193,7 +185,7 @@ def test_crl_without_the_serial_is_used_and_passes(ca, web):
 
 
 def test_crl_signed_by_another_key_is_not_trusted(ca, web):
-    impostor = memory_ca()  # its intermediate has the very same name as ours
+    impostor = Authority.from_library()  # its intermediate has the very same name as ours
     crl = impostor.issuer.crl([], number=2, now=NOW)
     with pytest.raises(CrlError, match="signature does not verify"):
         _verify(ca, web, crls=[crl])
@@ -206,7 +198,7 @@ def test_stale_crl_is_not_trusted(ca, web):
 
 
 def test_crl_of_an_unrelated_issuer_is_ignored(ca, web):
-    other = memory_ca("other.org")
+    other = Authority.from_library("other.org")
     crl = other.issuer.crl([Revocation(web.serial_number, NOW, "keyCompromise")], number=2, now=NOW)
     assert _verify(ca, web, crls=[crl]).crls_used == ()
 
@@ -259,7 +251,7 @@ def test_untrusted_ca_when_intermediate_issues_outside_its_trust_domain(ca):
 def files(ca, web, tmp_path_factory):
     """PEM files of one CA, read by the `ca verify` subprocesses (whose clock is the real one)."""
     real_now = datetime.now(timezone.utc).replace(microsecond=0)
-    live_ca = memory_ca(now=real_now)
+    live_ca = Authority.from_library(now=real_now)
     directory = tmp_path_factory.mktemp("verify")
     leaf, _ = live_ca.leaf(now=real_now)
     expired, _ = live_ca.leaf(now=real_now - timedelta(seconds=59), ttl=timedelta(seconds=1))
@@ -267,11 +259,11 @@ def files(ca, web, tmp_path_factory):
     return {
         "dir": directory,
         "bundle": write_pem(directory / "bundle.pem", live_ca.root),
-        "good": write_chain(directory / "good.pem", leaf, live_ca.intermediate),
-        "expired": write_chain(directory / "expired.pem", expired, live_ca.intermediate),
-        "future": write_chain(directory / "future.pem", future, live_ca.intermediate),
-        "ca_as_leaf": write_chain(directory / "ca.pem", live_ca.intermediate),
-        "foreign": write_chain(directory / "foreign.pem", web, ca.intermediate),
+        "good": write_pem(directory / "good.pem", leaf, live_ca.intermediate),
+        "expired": write_pem(directory / "expired.pem", expired, live_ca.intermediate),
+        "future": write_pem(directory / "future.pem", future, live_ca.intermediate),
+        "ca_as_leaf": write_pem(directory / "ca.pem", live_ca.intermediate),
+        "foreign": write_pem(directory / "foreign.pem", web, ca.intermediate),
         "crl": write_pem(
             directory / "crl.pem",
             live_ca.issuer.crl(
@@ -282,12 +274,13 @@ def files(ca, web, tmp_path_factory):
             directory / "stale.pem", live_ca.issuer.crl([], number=2, now=real_now - timedelta(days=2))
         ),
         "other_crl": write_pem(
-            directory / "other.pem", memory_ca("other.org").issuer.crl([], number=2, now=real_now)
+            directory / "other.pem", Authority.from_library("other.org").issuer.crl([], number=2, now=real_now)
         ),
         "leaf": leaf,
     }
 
 
+@pytest.mark.e2e
 def test_cli_verify_prints_valid_with_id_serial_and_expiry(files):
     result = run_ca(
         "verify", files["good"], "--bundle", files["bundle"], "--expect", "spiffe://example.org/ns/prod/*",
@@ -301,6 +294,7 @@ def test_cli_verify_prints_valid_with_id_serial_and_expiry(files):
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("cert", "extra", "reason"),
     [
@@ -314,34 +308,44 @@ def test_cli_verify_prints_valid_with_id_serial_and_expiry(files):
 )
 def test_cli_verify_exits_1_with_reason_code_first(files, cert, extra, reason):
     extra = [str(files[x]) if x in files else x for x in extra]
-    result = run_ca("verify", files[cert], "--bundle", files["bundle"], *extra, cwd=files["dir"])
+    result = run_ca("verify", files[cert], "--bundle", files["bundle"], *extra, cwd=files["dir"], check=False)
     assert result.returncode == 1, result.stderr
     assert result.stdout.startswith(f"{reason}: ")
     assert result.stdout.count("\n") == 1
 
 
+@pytest.mark.e2e
 def test_cli_verify_revoked_sentence(files):
-    result = run_ca("verify", files["good"], "--bundle", files["bundle"], "--crl", files["crl"], cwd=files["dir"])
+    result = run_ca(
+        "verify", files["good"], "--bundle", files["bundle"], "--crl", files["crl"], cwd=files["dir"], check=False
+    )
     serial = files["leaf"].serial_number
     assert result.stdout.startswith(f"revoked: certificate serial {serial:x} ({WEB}) was revoked at ")
     assert result.stdout.rstrip().endswith("(keyCompromise)")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("crl", "message"),
     [("stale_crl", "is stale"), ("other_crl", "no CRL in it is from")],
 )
 def test_cli_verify_refuses_unusable_crl_as_input_error(files, crl, message):
-    result = run_ca("verify", files["good"], "--bundle", files["bundle"], "--crl", files[crl], cwd=files["dir"])
+    result = run_ca(
+        "verify", files["good"], "--bundle", files["bundle"], "--crl", files[crl], cwd=files["dir"], check=False
+    )
     assert message in assert_one_line_error(result, 2)
 
 
+@pytest.mark.e2e
 def test_cli_verify_rejects_malformed_expectation(files):
     good, bundle = files["good"], files["bundle"]
-    result = run_ca("verify", good, "--bundle", bundle, "--expect", "spiffe://example.org/a*", cwd=files["dir"])
+    result = run_ca(
+        "verify", good, "--bundle", bundle, "--expect", "spiffe://example.org/a*", cwd=files["dir"], check=False
+    )
     assert "--expect" in assert_one_line_error(result, 2)
 
 
+@pytest.mark.e2e
 def test_cli_verify_reports_unreadable_bundle(files):
-    result = run_ca("verify", files["good"], "--bundle", files["dir"] / "missing.pem", cwd=files["dir"])
+    result = run_ca("verify", files["good"], "--bundle", files["dir"] / "missing.pem", cwd=files["dir"], check=False)
     assert "cannot read bundle" in assert_one_line_error(result, 2)

@@ -6,12 +6,9 @@ import io
 import textwrap
 from pathlib import Path
 
-import pytest
-from certs_for_tests import HOUR, NOW, TestAuthority, cert_pem, write_identity
+from support.certs import HOUR, NOW, WEB, Authority, pem
 
 from proxy.check import check_main, run_check
-
-WEB = "spiffe://example.org/ns/prod/sa/web"
 
 LISTENERS = """\
 inbound:
@@ -29,14 +26,9 @@ admin:
 """
 
 
-@pytest.fixture(scope="module")
-def authority() -> TestAuthority:
-    return TestAuthority()
-
-
-def write_setup(tmp_path: Path, authority: TestAuthority, listeners: str = LISTENERS, **issue_options) -> Path:
+def write_setup(tmp_path: Path, authority: Authority, listeners: str = LISTENERS, **issue_options) -> Path:
     """cert.pem, key.pem, bundle.pem and a config.yaml naming them, all in tmp_path."""
-    write_identity(tmp_path, authority, authority.issue(WEB, **issue_options))
+    authority.write_identity(tmp_path, authority.issue(WEB, **issue_options))
     config = tmp_path / "config.yaml"
     config.write_text("identity: {cert: cert.pem, key: key.pem, bundle: bundle.pem}\n" + listeners)
     return config
@@ -110,7 +102,7 @@ def test_reports_an_expired_certificate(tmp_path, authority):
 
 def test_reports_a_chain_from_another_ca_and_a_config_problem_together(tmp_path, authority):
     config = write_setup(tmp_path, authority, listeners=LISTENERS + "log: {level: loud}\n")
-    (tmp_path / "bundle.pem").write_bytes(cert_pem(TestAuthority("Other").root.cert))
+    (tmp_path / "bundle.pem").write_bytes(pem(Authority.create("Other").root))
 
     ok, problems = run_check(config, now=NOW)
 
@@ -165,7 +157,7 @@ def test_check_main_counts_a_single_problem_in_the_singular(tmp_path):
 
 
 def test_summary_lists_crl_renewal_audit_mode_and_sni(tmp_path, authority):
-    write_identity(tmp_path, authority, authority.issue(WEB), crl=authority.crl((7, 8)))
+    authority.write_identity(tmp_path, authority.issue(WEB), crl=authority.crl((7, 8)))
     config = tmp_path / "config.yaml"
     config.write_text(textwrap.dedent("""\
         identity:

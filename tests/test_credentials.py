@@ -7,20 +7,19 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from certs_for_tests import (
+from cryptography.hazmat.primitives import serialization
+from support.certs import (
     DAY,
     HOUR,
     MINUTE,
     NOW,
     SECOND,
-    TestAuthority,
-    cert_pem,
-    crl_pem,
+    WEB,
+    Authority,
     key_pem,
     new_key,
-    write_identity,
+    pem,
 )
-from cryptography.hazmat.primitives import serialization
 
 from mtls.durations import roughly
 from mtls.spiffe import parse_spiffe_id
@@ -31,13 +30,6 @@ from proxy.credentials import (
     expiry_warnings,
     load_credentials,
 )
-
-WEB = "spiffe://example.org/ns/prod/sa/web"
-
-
-@pytest.fixture(scope="module")
-def authority() -> TestAuthority:
-    return TestAuthority()
 
 
 def identity_of(files) -> IdentityConfig:
@@ -50,8 +42,8 @@ def problems_loading(identity: IdentityConfig) -> list[str]:
     return caught.value.problems
 
 
-def good_identity(tmp_path: Path, authority: TestAuthority, **issue_options) -> IdentityConfig:
-    return identity_of(write_identity(tmp_path, authority, authority.issue(WEB, **issue_options)))
+def good_identity(tmp_path: Path, authority: Authority, **issue_options) -> IdentityConfig:
+    return identity_of(authority.write_identity(tmp_path, authority.issue(WEB, **issue_options)))
 
 
 # --- a good load ------------------------------------------------------------------------------
@@ -59,14 +51,14 @@ def good_identity(tmp_path: Path, authority: TestAuthority, **issue_options) -> 
 
 def test_loads_a_valid_identity_into_one_value(tmp_path, authority):
     leaf = authority.issue(WEB)
-    identity = identity_of(write_identity(tmp_path, authority, leaf))
+    identity = identity_of(authority.write_identity(tmp_path, leaf))
 
     creds = load_credentials(identity, now=NOW)
 
     assert creds.spiffe_id == parse_spiffe_id(WEB)
-    assert creds.cert_chain == (leaf.cert, authority.intermediate.cert)
+    assert creds.cert_chain == (leaf.cert, authority.intermediate)
     assert creds.leaf == leaf.cert
-    assert creds.bundle == (authority.root.cert,)
+    assert creds.bundle == (authority.root,)
     assert creds.not_after == leaf.cert.not_valid_after_utc and creds.not_after.tzinfo is not None
     assert creds.not_before == leaf.cert.not_valid_before_utc
     assert creds.key.private_numbers() == leaf.key.private_numbers()
@@ -76,7 +68,7 @@ def test_loads_a_valid_identity_into_one_value(tmp_path, authority):
 
 def test_collects_revoked_serials_from_a_trusted_crl(tmp_path, authority):
     crl = authority.crl((1111, 2222))
-    identity = identity_of(write_identity(tmp_path, authority, authority.issue(WEB), crl=crl))
+    identity = identity_of(authority.write_identity(tmp_path, authority.issue(WEB), crl=crl))
 
     creds = load_credentials(identity, now=NOW)
 
@@ -86,7 +78,7 @@ def test_collects_revoked_serials_from_a_trusted_crl(tmp_path, authority):
 
 def test_accepts_a_bundle_with_several_roots(tmp_path, authority):
     identity = good_identity(tmp_path, authority)
-    identity.bundle.write_bytes(cert_pem(TestAuthority("Old").root.cert, authority.root.cert))
+    identity.bundle.write_bytes(pem(Authority.create("Old").root, authority.root))
 
     assert len(load_credentials(identity, now=NOW).bundle) == 2
 
@@ -101,7 +93,7 @@ def test_credentials_cannot_be_changed_after_loading(tmp_path, authority):
 
 
 def test_reads_each_file_exactly_once(tmp_path, authority, monkeypatch):
-    identity = identity_of(write_identity(tmp_path, authority, authority.issue(WEB), crl=authority.crl()))
+    identity = identity_of(authority.write_identity(tmp_path, authority.issue(WEB), crl=authority.crl()))
     opened = []
     real_open = builtins.open
 
@@ -120,7 +112,7 @@ def test_reads_each_file_exactly_once(tmp_path, authority, monkeypatch):
 
 
 def test_stamps_every_file_it_read(tmp_path, authority):
-    identity = identity_of(write_identity(tmp_path, authority, authority.issue(WEB), crl=authority.crl()))
+    identity = identity_of(authority.write_identity(tmp_path, authority.issue(WEB), crl=authority.crl()))
 
     creds = load_credentials(identity, now=NOW)
 
@@ -243,7 +235,7 @@ def test_reports_a_pem_block_that_does_not_parse(tmp_path, authority):
 
 def test_reports_an_encrypted_key(tmp_path, authority):
     leaf = authority.issue(WEB)
-    identity = identity_of(write_identity(tmp_path, authority, leaf))
+    identity = identity_of(authority.write_identity(tmp_path, leaf))
     identity.key.write_bytes(leaf.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(b"secret"),
@@ -277,7 +269,7 @@ def test_reports_a_key_that_does_not_match_the_certificate(tmp_path, authority):
 
 def test_reports_a_leaf_that_is_not_an_svid(tmp_path, authority):
     leaf = authority.issue(WEB, uris=(WEB, "spiffe://example.org/ns/prod/sa/other"))
-    identity = identity_of(write_identity(tmp_path, authority, leaf))
+    identity = identity_of(authority.write_identity(tmp_path, leaf))
 
     assert problems_loading(identity) == [
         f"{identity.cert}: the first certificate is not an X.509-SVID: leaf must have exactly one URI SAN, it has 2"
@@ -286,8 +278,8 @@ def test_reports_a_leaf_that_is_not_an_svid(tmp_path, authority):
 
 def test_hints_that_the_leaf_must_come_first(tmp_path, authority):
     leaf = authority.issue(WEB)
-    identity = identity_of(write_identity(tmp_path, authority, leaf))
-    identity.cert.write_bytes(cert_pem(authority.intermediate.cert, leaf.cert))
+    identity = identity_of(authority.write_identity(tmp_path, leaf))
+    identity.cert.write_bytes(pem(authority.intermediate, leaf.cert))
 
     problems = problems_loading(identity)
 
@@ -297,7 +289,7 @@ def test_hints_that_the_leaf_must_come_first(tmp_path, authority):
 
 def test_reports_a_chain_that_does_not_verify_against_the_bundle(tmp_path, authority):
     identity = good_identity(tmp_path, authority)
-    identity.bundle.write_bytes(cert_pem(TestAuthority("Other").root.cert))
+    identity.bundle.write_bytes(pem(Authority.create("Other").root))
 
     assert problems_loading(identity) == [
         f"{identity.cert}: the chain does not verify against {identity.bundle}: unable to get local issuer "
@@ -308,8 +300,8 @@ def test_reports_a_chain_that_does_not_verify_against_the_bundle(tmp_path, autho
 
 def test_reports_a_certificate_file_without_its_intermediate(tmp_path, authority):
     leaf = authority.issue(WEB)
-    identity = identity_of(write_identity(tmp_path, authority, leaf))
-    identity.cert.write_bytes(cert_pem(leaf.cert))
+    identity = identity_of(authority.write_identity(tmp_path, leaf))
+    identity.cert.write_bytes(pem(leaf.cert))
 
     (problem,) = problems_loading(identity)
 
@@ -356,7 +348,7 @@ def test_expiry_within_a_day_is_not_a_load_problem(tmp_path, authority):
 def test_reports_a_crl_that_lists_our_own_serial(tmp_path, authority):
     leaf = authority.issue(WEB)
     crl = authority.crl((leaf.cert.serial_number,))
-    identity = identity_of(write_identity(tmp_path, authority, leaf, crl=crl))
+    identity = identity_of(authority.write_identity(tmp_path, leaf, crl=crl))
 
     assert problems_loading(identity) == [
         f"{identity.crl}: our own certificate (serial {leaf.cert.serial_number:x}) is revoked by the CRL "
@@ -365,8 +357,8 @@ def test_reports_a_crl_that_lists_our_own_serial(tmp_path, authority):
 
 
 def test_refuses_to_trust_a_crl_not_signed_by_our_cas(tmp_path, authority):
-    forged = authority.crl((1234,), signer=TestAuthority("Forger").intermediate)
-    identity = identity_of(write_identity(tmp_path, authority, authority.issue(WEB), crl=forged))
+    forged = authority.crl((1234,), signed_by=Authority.create("Forger"))
+    identity = identity_of(authority.write_identity(tmp_path, authority.issue(WEB), crl=forged))
 
     (problem,) = problems_loading(identity)
 
@@ -375,8 +367,8 @@ def test_refuses_to_trust_a_crl_not_signed_by_our_cas(tmp_path, authority):
 
 
 def test_reports_a_half_written_crl(tmp_path, authority):
-    identity = identity_of(write_identity(tmp_path, authority, authority.issue(WEB), crl=authority.crl()))
-    identity.crl.write_bytes(crl_pem(authority.crl())[:50])
+    identity = identity_of(authority.write_identity(tmp_path, authority.issue(WEB), crl=authority.crl()))
+    identity.crl.write_bytes(pem(authority.crl())[:50])
 
     assert problems_loading(identity) == [f"{identity.crl}: no complete PEM CRL block; is the file half-written?"]
 
@@ -387,7 +379,7 @@ def test_reports_a_half_written_crl(tmp_path, authority):
 def test_reports_every_problem_in_one_load(tmp_path, authority):
     identity = good_identity(tmp_path, authority, not_after=NOW - HOUR)
     identity.key.unlink()
-    identity.bundle.write_bytes(cert_pem(TestAuthority("Other").root.cert))
+    identity.bundle.write_bytes(pem(Authority.create("Other").root))
 
     problems = problems_loading(identity)
 
@@ -408,7 +400,7 @@ def test_roughly_names_a_span_in_its_two_largest_units(delta, text):
 
 def test_names_a_leaf_with_an_empty_subject_by_its_spiffe_id(tmp_path, authority):
     leaf = authority.issue(WEB, not_after=NOW - HOUR, subject="")
-    identity = identity_of(write_identity(tmp_path, authority, leaf))
+    identity = identity_of(authority.write_identity(tmp_path, leaf))
 
     (problem,) = problems_loading(identity)
 
@@ -443,7 +435,7 @@ def test_warns_that_a_loaded_certificate_has_since_expired(tmp_path, authority):
 
 def test_warns_about_a_crl_past_its_next_update(tmp_path, authority):
     crl = authority.crl(next_update=NOW + HOUR)
-    creds = load_credentials(identity_of(write_identity(tmp_path, authority, authority.issue(WEB), crl=crl)), now=NOW)
+    creds = load_credentials(identity_of(authority.write_identity(tmp_path, authority.issue(WEB), crl=crl)), now=NOW)
 
     (warning,) = expiry_warnings(creds, NOW + 3 * HOUR)
 
@@ -455,6 +447,6 @@ def test_warns_about_a_trust_root_that_expired(tmp_path, authority):
     identity = good_identity(tmp_path, authority)
     creds = load_credentials(identity, now=NOW)
 
-    warnings = expiry_warnings(creds, authority.root.cert.not_valid_after_utc + HOUR)
+    warnings = expiry_warnings(creds, authority.root.not_valid_after_utc + HOUR)
 
     assert any(w.startswith(f"{identity.bundle}: trust root 'CN=Test Root CA' expired at") for w in warnings)
