@@ -13,7 +13,7 @@ Endpoints (bodies at most ``MAX_BODY_BYTES``; errors are JSON ``{"error": CODE, 
   intermediate's expiry; its DNS names are the old certificate's.
 - ``POST /v1/enroll``, body ``{"token": ..., "csr": PEM}``: the first certificate of the ID the
   token (``ca token``) was made for. A token works once: lookup, check, signing, recording and
-  consuming happen in one SQLite transaction (``ca.operations.enroll``).
+  consuming happen in one SQLite transaction (``ca.enrollment.enroll``).
 - ``GET /healthz``: 200 while the process serves (no client certificate needed).
 
 TLS: the service presents its own X.509-SVID, ``spiffe://TD/ca`` (plus ``--dns`` names), issued by
@@ -26,7 +26,8 @@ the chain is verified afterwards against the bundle and the index, so that an ex
 client gets a 403 with a reason rather than a bare TLS alert.
 
 Concurrency: one task per connection (at most ``MAX_CONNECTIONS``; more wait in the backlog),
-keep-alive with ``EXCHANGE_DEADLINE`` per request. Signing and SQLite run in worker threads (at
+keep-alive with ``EXCHANGE_DEADLINE`` per request (``mtls.httpserve``; accepting follows the one
+policy of ``mtls.sockets.accept_loop``). Signing and SQLite run in worker threads (at
 most ``WORKERS`` at once); the index's ``BEGIN IMMEDIATE`` transactions serialize the writers, so
 concurrent renewals and enrollments never lose a record or spend a token twice.
 
@@ -42,19 +43,16 @@ import json
 import signal
 import socket
 import sys
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from http import HTTPStatus
-from pathlib import Path
+from functools import partial
 from typing import Sequence
 
-import h11
 import trio
 from cryptography import x509
 from OpenSSL import SSL
 
-from ca import operations
+from ca import enrollment, inspection, issuance, revocation
 from ca.authority import (
     Issuer,
     certificate_pem,
@@ -66,8 +64,10 @@ from ca.errors import CaError, InputError, Refused
 from ca.store import BUNDLE, INTERMEDIATE_CERT, INTERMEDIATE_KEY, StateDir
 from mtls.endpoints import format_address, parse_endpoint
 from mtls.events import EventLog
-from mtls.sockets import bound_address, close_socket, listen_socket
-from mtls.tlsio import PEM_CHAIN, TlsStream, ssl_failure_text, tls13_context
+from mtls.files import FileStamp
+from mtls.httpserve import JSON, PEM_CHAIN, TEXT, Limits, Reply, Request, serve_requests
+from mtls.sockets import accept_loop, bound_address, close_socket, listen_socket
+from mtls.tlsio import TlsStream, present, ssl_error_text, tls13_context
 
 MAX_CONNECTIONS = 256
 WORKERS = 8  # threads signing and writing the index at once
@@ -75,10 +75,9 @@ HANDSHAKE_TIMEOUT = 10.0
 EXCHANGE_DEADLINE = 10.0  # seconds for a client to send one request and take its answer
 MAX_HEAD_BYTES = 8 * 1024
 MAX_BODY_BYTES = 64 * 1024
-RECEIVE_BYTES = 16 * 1024
+LIMITS = Limits(max_head_bytes=MAX_HEAD_BYTES, max_body_bytes=MAX_BODY_BYTES, exchange_deadline=EXCHANGE_DEADLINE)
 STATE_CHECK_INTERVAL = 1.0
 DRAIN_TIMEOUT = 5.0
-JSON = "application/json"
 
 # Reason codes (CaError.code) and the HTTP status they answer with; anything else refused is 403.
 _STATUS = {
@@ -88,29 +87,19 @@ _STATUS = {
 }
 
 
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    body: bytes
-    content_type: str = JSON
-    headers: tuple[tuple[str, str], ...] = ()
-    decision: str | None = None  # issued | refused | error, for the log
-    fields: tuple[tuple[str, object], ...] = ()  # more for the log line
-
-
 def json_error(
     status: int, code: str, detail: str, *, decision: str = "refused", headers: tuple[tuple[str, str], ...] = ()
 ) -> Reply:
+    """``{"error": code, "detail": detail}``; the request's log line gets ``decision`` (refused | error)."""
     body = json.dumps({"error": code, "detail": detail}).encode() + b"\n"
-    return Reply(status, body, headers=headers, decision=decision, fields=(("reason", code), ("detail", detail)))
+    return Reply(
+        status, body, JSON, headers, log_fields=(("decision", decision), ("reason", code), ("detail", detail))
+    )
 
 
-def _stamp(path: Path) -> tuple:
-    try:
-        st = path.stat()
-    except OSError:
-        return ("missing",)
-    return (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
+def _malformed(status: int, detail: str) -> Reply:
+    """The answer to a request h11 could not parse, or too large (431, 413)."""
+    return json_error(status, "bad_request", detail)
 
 
 @dataclass(frozen=True)
@@ -125,14 +114,9 @@ class ServiceState:
     replace_at: float  # unix time at 2/3 of the service certificate's life
 
 
-def _server_context(cert: x509.Certificate, chain: Sequence[x509.Certificate], key) -> SSL.Context:
+def _server_context(chain: Sequence[x509.Certificate], key) -> SSL.Context:
     ctx = tls13_context()
-    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    ctx.use_certificate(cert)
-    for intermediate in chain:
-        ctx.add_extra_chain_cert(intermediate)
-    ctx.use_privatekey(key)
-    ctx.check_privatekey()
+    present(ctx, chain, key)
     # Request a client certificate, accept any at the TLS layer: see the module docstring.
     ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errnum, depth, ok: True)
     return ctx
@@ -153,7 +137,7 @@ class Service:
     # --- the service's own state --------------------------------------------------------------
 
     def _stamps(self) -> tuple:
-        return tuple(_stamp(self.state.file(name)) for name in (INTERMEDIATE_CERT, INTERMEDIATE_KEY, BUNDLE))
+        return tuple(FileStamp.now(self.state.file(name)) for name in (INTERMEDIATE_CERT, INTERMEDIATE_KEY, BUNDLE))
 
     def refresh(self, now: datetime | None = None) -> bool:
         """(Worker thread.) Rebuild the state if the CA files changed or our certificate is due.
@@ -167,14 +151,14 @@ class Service:
         due = old is None or new_ca or now.timestamp() >= old.replace_at
         if not due and stamps == old.stamps:
             return False
-        issuer = operations.load_issuer(self.state, self.passphrase) if new_ca else old.issuer
+        issuer = self.state.load_issuer(self.passphrase) if new_ca else old.issuer
         roots = tuple(self.state.bundle_roots())
         if due:
             key = generate_key("ec-p256")
-            cert = operations.issue_service_cert(
+            cert = issuance.issue_service_cert(
                 self.state, issuer, key.public_key(), now=now, dns_names=self.dns_names
             )
-            context = _server_context(cert, [issuer.cert], key)
+            context = _server_context([cert, issuer.cert], key)
             start, end = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
             replace_at = start + (end - start) * 2 / 3
         else:
@@ -182,7 +166,7 @@ class Service:
         self.current = ServiceState(issuer, roots, context, cert, stamps, replace_at)
         if due:
             self.log.emit(
-                "info", "service_certificate", spiffe_id=str(operations.service_id(self.state.trust_domain)),
+                "info", "service_certificate", spiffe_id=str(issuance.service_id(self.state.trust_domain)),
                 serial=format_serial(cert.serial_number), issuer=cert.issuer.rfc4514_string(),
                 expires=format_time(cert.not_valid_after_utc), dns_names=self.dns_names,
             )
@@ -192,7 +176,7 @@ class Service:
 
     def _retire(self, cert: x509.Certificate, now: datetime) -> None:
         try:
-            operations.revoke(
+            revocation.revoke(
                 self.state, format_serial(cert.serial_number), reason="superseded", now=now,
                 passphrase=self.passphrase,
             )
@@ -225,7 +209,10 @@ class Service:
             root.start_soon(self._signals, stop)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
-                    accepting.start_soon(self._accept_loop, sock, slots, connections)
+                    accepting.start_soon(partial(
+                        accept_loop, sock, partial(self._start_connection, connections, slots), self.log,
+                        listener="ca serve", slots=slots,
+                    ))
                     task_status.started()
                     await stop.wait()
                     accepting.cancel_scope.cancel()
@@ -243,48 +230,26 @@ class Service:
                 stop.set()
                 return
 
-    async def _accept_loop(self, lsock: socket.socket, slots: trio.Semaphore, nursery: trio.Nursery) -> None:
-        await slots.acquire()
-        while True:
-            try:
-                raw, addr = lsock.accept()
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(lsock)
-                continue
-            except OSError as exc:  # out of descriptors, an aborted connection: log, breathe, go on
-                self.log.emit("error", "accept_failed", detail=exc.strerror or str(exc))
-                await trio.sleep(0.1)
-                continue
-            raw.setblocking(False)
-            self.open += 1
-            self.idle = trio.Event() if self.idle.is_set() else self.idle
-            nursery.start_soon(self._connection, raw, format_address(addr), slots)
-            await slots.acquire()
+    def _start_connection(self, nursery: trio.Nursery, slots: trio.Semaphore, raw: socket.socket, addr) -> None:
+        """(accept_loop's hand-over.) Count the connection open and start its task, which owns ``raw``."""
+        self.open += 1
+        self.idle = trio.Event() if self.idle.is_set() else self.idle
+        nursery.start_soon(self._connection, raw, format_address(addr), slots)
 
     async def _connection(self, raw: socket.socket, peer_addr: str, slots: trio.Semaphore) -> None:
         """Handshake, then requests until the client closes or stalls. Never raises but Cancelled."""
-        tls = TlsStream(SSL.Connection(self.current.context, raw), raw)
-        tls.conn.set_accept_state()
+        tls = TlsStream(self.current.context, raw, server_side=True)
         try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
-                try:
-                    await tls.handshake()
-                except (SSL.Error, OSError) as exc:
-                    self.log.emit("info", "handshake_failed", peer_addr=peer_addr, detail=ssl_failure_text(exc))
-                    return
-            if scope.cancelled_caught:
-                self.log.emit("info", "handshake_failed", peer_addr=peer_addr,
-                              detail=f"no complete TLS handshake within {HANDSHAKE_TIMEOUT:g}s")
+            try:
+                await tls.handshake(HANDSHAKE_TIMEOUT)
+            except (SSL.Error, OSError) as exc:  # TimeoutError included
+                self.log.emit("info", "handshake_failed", peer_addr=peer_addr, detail=ssl_error_text(exc))
                 return
             chain = _peer_chain(tls.conn)
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-            while True:
-                keep_open = False
-                with trio.move_on_after(EXCHANGE_DEADLINE):
-                    keep_open = await self._exchange(tls, conn, chain, peer_addr)
-                if not keep_open:
-                    return
-                conn.start_next_cycle()
+            await serve_requests(
+                tls, partial(self._reply, chain=chain), LIMITS, malformed=_malformed,
+                served=partial(self._log_request, peer_addr, chain),
+            )
         except (SSL.Error, OSError):
             pass  # the client went away mid-request
         except Exception as exc:  # a bug: this connection ends, the service goes on
@@ -297,39 +262,20 @@ class Service:
             if self.open == 0:
                 self.idle.set()
 
-    async def _exchange(self, tls: TlsStream, conn: h11.Connection, chain, peer_addr: str) -> bool:
-        """One request and its reply; True if the connection may carry another."""
-        started = time.monotonic()
-        try:
-            request, body = await _read_request(tls, conn)
-        except h11.RemoteProtocolError as exc:
-            reply = json_error(exc.error_status_hint, "bad_request", str(exc))
-            await _send(tls, conn, reply, extra=(("connection", "close"),))
-            self._log_request(None, peer_addr, chain, reply, started)
-            return False
-        if request is None:
-            return False
-        reply = await self._reply(request, body, chain)
-        await _send(tls, conn, reply)
-        self._log_request(request, peer_addr, chain, reply, started)
-        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
-
-    async def _reply(self, request: h11.Request, body: bytes, chain) -> Reply:
-        path = request.target.partition(b"?")[0].decode("ascii", "replace")
-        routes = {"/v1/renew": (b"POST", self._renew), "/v1/enroll": (b"POST", self._enroll),
-                  "/healthz": (b"GET", None)}
+    async def _reply(self, request: Request, chain) -> Reply:
+        path = request.path
+        routes = {"/v1/renew": ("POST", self._renew), "/v1/enroll": ("POST", self._enroll),
+                  "/healthz": ("GET", None)}
         if path not in routes:
             return json_error(404, "not_found", f"no such endpoint {path!r}; try POST /v1/renew or /v1/enroll")
         method, handler = routes[path]
         if request.method != method:
-            return json_error(
-                405, "method_not_allowed", f"{path} takes {method.decode()}", headers=(("allow", method.decode()),)
-            )
+            return json_error(405, "method_not_allowed", f"{path} takes {method}", headers=(("allow", method),))
         if handler is None:
-            return Reply(200, b"ok\n", "text/plain; charset=utf-8")
+            return Reply(200, b"ok\n", TEXT)
         now = datetime.now(timezone.utc).replace(microsecond=0)
         try:
-            return await trio.to_thread.run_sync(handler, body, chain, now, limiter=self.workers)
+            return await trio.to_thread.run_sync(handler, request.body, chain, now, limiter=self.workers)
         except CaError as exc:
             status = _STATUS.get(exc.code, 400 if isinstance(exc, InputError) else 403)
             if not isinstance(exc, (Refused, InputError)):
@@ -347,8 +293,8 @@ class Service:
                 "no client certificate: renewal is authenticated by the current certificate (mTLS)",
                 code="no_client_cert",
             )
-        csr = operations.parse_csr(body)
-        cert = operations.renew(self.state, self.current.issuer, chain, self.current.roots, csr, now=now)
+        csr = inspection.parse_csr(body)
+        cert = enrollment.renew(self.state, self.current.issuer, chain, self.current.roots, csr, now=now)
         return self._issued(cert)
 
     def _enroll(self, body: bytes, chain, now: datetime) -> Reply:
@@ -360,20 +306,23 @@ class Service:
             request.get("csr"), str
         ):
             raise InputError('the body must be a JSON object {"token": "...", "csr": "-----BEGIN ..."}')
-        csr = operations.parse_csr(request["csr"].encode("utf-8", "replace"))
-        cert, _ = operations.enroll(self.state, self.current.issuer, request["token"], csr, now=now)
+        csr = inspection.parse_csr(request["csr"].encode("utf-8", "replace"))
+        cert, _ = enrollment.enroll(self.state, self.current.issuer, request["token"], csr, now=now)
         return self._issued(cert)
 
     def _issued(self, cert: x509.Certificate) -> Reply:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         spiffe_id = san.get_values_for_type(x509.UniformResourceIdentifier)[0]
         return Reply(
-            200, certificate_pem(cert, self.current.issuer.cert), PEM_CHAIN, decision="issued",
-            fields=(("spiffe_id", spiffe_id), ("serial", format_serial(cert.serial_number)),
-                    ("expires", format_time(cert.not_valid_after_utc))),
+            200, certificate_pem(cert, self.current.issuer.cert), PEM_CHAIN,
+            log_fields=(
+                ("decision", "issued"), ("spiffe_id", spiffe_id), ("serial", format_serial(cert.serial_number)),
+                ("expires", format_time(cert.not_valid_after_utc)),
+            ),
         )
 
-    def _log_request(self, request, peer_addr, chain, reply: Reply, started: float) -> None:
+    def _log_request(self, peer_addr: str, chain, request: Request | None, reply: Reply, seconds: float) -> None:
+        """The ``request`` log line: who asked what, and the reply's ``decision`` and other ``log_fields``."""
         peer_id = peer_serial = None
         if chain:
             peer_serial = format_serial(chain[0].serial_number)
@@ -383,14 +332,15 @@ class Service:
                 peer_id = uris[0] if len(uris) == 1 else None
             except (x509.ExtensionNotFound, ValueError):
                 pass
-        fields = dict(reply.fields)
+        fields = dict(reply.log_fields)
+        decision = fields.pop("decision", None)
         self.log.emit(
             "info" if reply.status < 400 else "warning" if reply.status < 500 else "error",
             "request",
-            method=request.method.decode("ascii", "replace") if request else None,
-            path=request.target.decode("ascii", "replace") if request else None,
+            method=request.method if request else None,
+            path=request.target if request else None,
             peer_addr=peer_addr, peer_id=peer_id, peer_serial=peer_serial, status=reply.status,
-            decision=reply.decision, duration_s=round(time.monotonic() - started, 6), **fields,
+            decision=decision, duration_s=round(seconds, 6), **fields,
         )
 
 
@@ -405,38 +355,6 @@ def _peer_chain(conn: SSL.Connection) -> list[x509.Certificate]:
         if parsed != chain[0]:
             chain.append(parsed)
     return chain
-
-
-async def _read_request(tls: TlsStream, conn: h11.Connection) -> tuple[h11.Request | None, bytes]:
-    """The next request and its body; (None, b"") if the client closed first. Raises RemoteProtocolError."""
-    request = await _next_event(tls, conn)
-    if isinstance(request, h11.ConnectionClosed):
-        return None, b""
-    body = bytearray()
-    while isinstance(event := await _next_event(tls, conn), h11.Data):
-        body += event.data
-        if len(body) > MAX_BODY_BYTES:
-            raise h11.RemoteProtocolError(f"request body over {MAX_BODY_BYTES} bytes", error_status_hint=413)
-    return request, bytes(body)
-
-
-async def _next_event(tls: TlsStream, conn: h11.Connection):
-    while (event := conn.next_event()) is h11.NEED_DATA:
-        conn.receive_data(await tls.receive_some(RECEIVE_BYTES))
-    return event
-
-
-async def _send(tls: TlsStream, conn: h11.Connection, reply: Reply, extra=()) -> None:
-    headers = [
-        ("content-type", reply.content_type),
-        ("content-length", str(len(reply.body))),
-        ("cache-control", "no-store"),
-        *reply.headers,
-        *extra,
-    ]
-    data = conn.send(h11.Response(status_code=reply.status, reason=HTTPStatus(reply.status).phrase, headers=headers))
-    data += conn.send(h11.Data(data=reply.body)) + conn.send(h11.EndOfMessage())
-    await tls.send_all(data)
 
 
 def serve_main(state: StateDir, *, listen: str, dns_names: Sequence[str], passphrase: bytes | None) -> int:
@@ -455,7 +373,7 @@ def serve_main(state: StateDir, *, listen: str, dns_names: Sequence[str], passph
     log.emit("info", "listening", address=bound_address(sock))
     current = service.current
     log.emit(
-        "info", "ready", spiffe_id=str(operations.service_id(state.trust_domain)),
+        "info", "ready", spiffe_id=str(issuance.service_id(state.trust_domain)),
         serial=format_serial(current.cert.serial_number), trust_roots=len(current.roots),
     )
     trio.run(service.serve, sock)

@@ -77,11 +77,15 @@ OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_BACKOFF = 0.05  # seconds between accept attempts while out of descriptors
 
 
-async def accept_loop(lsock: socket.socket, on_connection, log, *, listener: str) -> None:
+async def accept_loop(
+    lsock: socket.socket, on_connection, log, *, listener: str, slots: trio.Semaphore | None = None
+) -> None:
     """Accept on ``lsock`` (listening, non-blocking) until cancelled; hand each connection over.
 
     ``on_connection(sock, addr)`` is called synchronously with a non-blocking socket and owns it
-    from then on: it must start a task that closes it, or close it itself. The one error policy of
+    from then on: it must start a task that closes it, or close it itself. With ``slots``, one is
+    acquired before each accept and handed over with the connection (its task releases it): while
+    none is free, new connections wait in the kernel's accept backlog. The one error policy of
     every listener (sidecar ports, admin, ``ca serve``):
 
     - out of descriptors or buffers: log ``accept_failed`` once per episode, retry every
@@ -91,13 +95,22 @@ async def accept_loop(lsock: socket.socket, on_connection, log, *, listener: str
 
     ``lsock`` is not closed here; its owner closes it after cancelling this loop.
     """
+    while True:
+        if slots is not None:
+            await slots.acquire()
+        sock, addr = await _accept(lsock, log, listener)
+        sock.setblocking(False)
+        on_connection(sock, addr)
+
+
+async def _accept(lsock: socket.socket, log, listener: str):
+    """The next connection on ``lsock``, retried under the policy of ``accept_loop``."""
     out_of_resources_logged = False
     while True:
         try:
-            sock, addr = lsock.accept()
+            return lsock.accept()
         except BlockingIOError:
             await trio.lowlevel.wait_readable(lsock)
-            continue
         except OSError as exc:
             if exc.errno in OUT_OF_RESOURCES:
                 if not out_of_resources_logged:
@@ -107,10 +120,5 @@ async def accept_loop(lsock: socket.socket, on_connection, log, *, listener: str
                     )
                     out_of_resources_logged = True
                 await trio.sleep(ACCEPT_BACKOFF)
-                continue
-            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                continue
-            raise
-        out_of_resources_logged = False
-        sock.setblocking(False)
-        on_connection(sock, addr)
+            elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
+                raise

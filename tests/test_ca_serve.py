@@ -17,38 +17,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from harness import (
-    DEADLINE,
-    PY,
-    TD,
-    Forge,
-    LoggedProcess,
-    issue,
-    other_authority,
-    run_ca,
-    wait_until,
-)
+from support.ca_cli import issue, run_ca
+from support.certs import TD, WEB, Authority
+from support.polling import DEADLINE, wait_until
+from support.processes import CaService
 
-from ca import operations
+from ca import enrollment, issuance
 from ca.store import StateDir
 
-WEB = f"spiffe://{TD}/ns/prod/sa/web"
-
-
-class CaService(LoggedProcess):
-    """`ca serve --listen 127.0.0.1:0` as a subprocess; its JSON log read back from a file."""
-
-    def __init__(self, ca_dir: Path, log_dir: Path, *extra: str, listen: str = "127.0.0.1:0"):
-        self.ca_dir = ca_dir
-        super().__init__([PY, "-m", "ca", "serve", "--listen", listen, *extra],
-                         log_dir / f"ca-serve-{os.urandom(3).hex()}.log", {"CA_DIR": str(ca_dir)})
-        self.wait_ready()
-        listening = next(e for e in self.events() if e["event"] == "listening")
-        self.port = int(listening["address"].rsplit(":", 1)[1])
-        self.url = f"https://127.0.0.1:{self.port}"
-
-    def requests(self) -> list[dict]:
-        return [e for e in self.events() if e["event"] == "request"]
+pytestmark = pytest.mark.e2e
 
 
 def post(service: CaService, path: str, body: bytes, *, ident: Path | None = None,
@@ -110,7 +87,7 @@ def _now() -> datetime:
 @pytest.fixture(scope="module")
 def ca_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("serve") / "ca"
-    run_ca(directory, "init", "--trust-domain", TD)
+    run_ca("init", "--trust-domain", TD, ca_dir=directory)
     return directory
 
 
@@ -127,7 +104,7 @@ def web(ca_dir, tmp_path):
 
 
 def token(ca_dir: Path, spiffe_id: str, *extra: str) -> str:
-    return run_ca(ca_dir, "token", spiffe_id, *extra).stdout.strip()
+    return run_ca("token", spiffe_id, *extra, ca_dir=ca_dir).stdout.strip()
 
 
 def enroll_body(tok: str, csr_pem: bytes) -> bytes:
@@ -148,7 +125,7 @@ def test_renew_returns_a_new_certificate_for_the_same_id_over_the_csr_key(servic
     status, body, _ = post(service, "/v1/renew", csr, ident=web)
     assert status == 200, body
     leaf, intermediate = x509.load_pem_x509_certificates(body)
-    assert uri_of(leaf) == WEB and leaf.subject == x509.Name([])
+    assert uri_of(leaf) == WEB and leaf.subject.rfc4514_string() == f"CN=web,O={TD}"
     assert leaf.serial_number != old.serial_number
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     assert leaf.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
@@ -163,7 +140,7 @@ def test_renew_returns_a_new_certificate_for_the_same_id_over_the_csr_key(servic
 
 def test_renew_is_refused_403_for_a_revoked_certificate(service, ca_dir, web):
     serial = x509.load_pem_x509_certificates((web / "cert.pem").read_bytes())[0].serial_number
-    run_ca(ca_dir, "revoke", format(serial, "x"))
+    run_ca("revoke", format(serial, "x"), ca_dir=ca_dir)
     status, body, _ = post(service, "/v1/renew", csr_for()[1], ident=web)
     assert status == 403 and error_of(body) == "revoked"
     assert "revoked at" in json.loads(body)["detail"]
@@ -172,7 +149,7 @@ def test_renew_is_refused_403_for_a_revoked_certificate(service, ca_dir, web):
 def test_renew_is_refused_403_for_an_expired_certificate(service, ca_dir, tmp_path):
     state = StateDir.open(ca_dir)
     start = state.load_certificate("intermediate.pem").not_valid_before_utc + timedelta(seconds=1)
-    operations.issue(state, WEB, ttl=timedelta(seconds=10), now=start, out_dir=tmp_path / "expired")
+    issuance.issue(state, WEB, ttl=timedelta(seconds=10), now=start, out_dir=tmp_path / "expired")
     status, body, _ = post(service, "/v1/renew", csr_for()[1], ident=tmp_path / "expired")
     assert status == 403 and error_of(body) == "expired"
 
@@ -183,14 +160,15 @@ def test_renew_without_a_client_certificate_is_refused_403(service):
 
 
 def test_renew_with_a_certificate_of_another_ca_is_refused_403(service, tmp_path):
-    cert, key = other_authority()
-    ident = Forge(service.ca_dir).leaf(tmp_path / "foreign", (WEB,), issuer=cert, issuer_key=key)
+    foreign = Authority.create("Untrusted")
+    ident = foreign.write_identity(tmp_path / "foreign", foreign.issue(WEB)).directory
     status, body, _ = post(service, "/v1/renew", csr_for()[1], ident=ident)
     assert status == 403 and error_of(body) == "untrusted_ca"
 
 
 def test_renew_with_a_forged_certificate_unknown_to_the_index_is_refused_403(service, tmp_path):
-    ident = Forge(service.ca_dir).leaf(tmp_path / "forged", (WEB,))  # signed with the CA's key, never recorded
+    ours = Authority.from_state_dir(service.ca_dir)  # signed with the CA's key, never recorded:
+    ident = ours.write_identity(tmp_path / "forged", ours.issue(WEB)).directory
     status, body, _ = post(service, "/v1/renew", csr_for()[1], ident=ident)
     assert status == 403 and error_of(body) == "unknown_certificate"
 
@@ -204,7 +182,7 @@ def test_renew_with_a_bad_csr_signature_is_refused_400(service, web):
 def test_twenty_concurrent_renewals_all_succeed_with_unique_serials(service, ca_dir, tmp_path):
     state = StateDir.open(ca_dir)
     idents = [
-        operations.issue(state, f"spiffe://{TD}/ns/load/sa/w{i}", ttl=timedelta(hours=1), now=_now(),
+        issuance.issue(state, f"spiffe://{TD}/ns/load/sa/w{i}", ttl=timedelta(hours=1), now=_now(),
                          out_dir=tmp_path / f"w{i}").cert_path.parent
         for i in range(20)
     ]
@@ -247,7 +225,7 @@ def test_enroll_with_a_token_works_once_and_the_second_use_is_refused(service, c
 
 
 def test_enroll_with_an_expired_token_is_refused(service, ca_dir):
-    issued = operations.create_token(
+    issued = enrollment.create_token(
         StateDir.open(ca_dir), f"spiffe://{TD}/ns/prod/sa/late", ttl=timedelta(minutes=10),
         now=_now() - timedelta(hours=1),
     )
@@ -296,7 +274,7 @@ def test_enroll_with_a_malformed_body_is_refused_400(service):
 
 def test_ca_refuses_to_issue_or_enroll_the_services_own_id(ca_dir, tmp_path):
     for args in (("issue", f"spiffe://{TD}/ca", "--out", str(tmp_path / "fake")), ("token", f"spiffe://{TD}/ca")):
-        result = run_ca(ca_dir, *args, check=False)
+        result = run_ca(*args, ca_dir=ca_dir, check=False)
         assert result.returncode == 1 and "reserved for the CA service" in result.stderr
 
 
@@ -322,12 +300,12 @@ def test_each_request_is_logged_as_one_json_line_with_its_decision(service, web)
 
 def test_rotation_while_serving_switches_to_the_new_intermediate_and_old_leaves_still_renew(tmp_path):
     ca_dir = tmp_path / "ca"
-    run_ca(ca_dir, "init", "--trust-domain", TD)
+    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
     old = issue(ca_dir, tmp_path / "old", WEB)
     svc = CaService(ca_dir, tmp_path)
     try:
         first = next(e for e in svc.events() if e["event"] == "service_certificate")
-        run_ca(ca_dir, "rotate")
+        run_ca("rotate", ca_dir=ca_dir)
         second = wait_until(lambda: next((e for e in svc.events() if e["event"] == "service_certificate"
                                           and e["serial"] != first["serial"]), None), what="new service cert")
         assert second["issuer"] == f"CN=mtls-sidecar intermediate CA 2,O={TD}"
@@ -337,9 +315,9 @@ def test_rotation_while_serving_switches_to_the_new_intermediate_and_old_leaves_
         assert server.issuer.rfc4514_string().endswith("CA 2,O=example.org")
         records = {format(r.serial, "x"): r for r in StateDir.open(ca_dir).records()}
         assert records[first["serial"]].reason == "superseded"  # the replaced service cert never blocks drop-old
-        run_ca(ca_dir, "revoke", format(x509.load_pem_x509_certificates((old / "cert.pem").read_bytes())[0]
-                                        .serial_number, "x"))
-        run_ca(ca_dir, "bundle", "--drop-old")
+        run_ca("revoke", format(x509.load_pem_x509_certificates((old / "cert.pem").read_bytes())[0]
+                                        .serial_number, "x"), ca_dir=ca_dir)
+        run_ca("bundle", "--drop-old", ca_dir=ca_dir)
     finally:
         assert svc.stop() == 0
 
@@ -352,5 +330,5 @@ def test_sigterm_stops_the_service_cleanly_with_exit_0(ca_dir, tmp_path):
 
 
 def test_serve_refuses_a_bad_listen_address_with_exit_2(ca_dir):
-    result = run_ca(ca_dir, "serve", "--listen", "nonsense", check=False)
+    result = run_ca("serve", "--listen", "nonsense", ca_dir=ca_dir, check=False)
     assert result.returncode == 2 and result.stderr.startswith("ca: --listen")
