@@ -93,6 +93,12 @@ def _summary(config: Config, creds: Credentials, now: datetime) -> list[str]:
         )
     if not config.inbound and not config.outbound:
         lines.append("no inbound or outbound listeners: all traffic is denied")
+    if config.egress:
+        egress = config.egress
+        what = "logged as would_deny, let through (audit)" if egress.mode == "audit" else "reset"
+        lines.append(f"egress: {egress.listen}, {len(egress.allow)} rule{'s' if len(egress.allow) != 1 else ''}; "
+                     f"any other destination is {what}")
+        lines += [f"  {rule}" for rule in egress.allow]
     if config.admin:
         lines.append(f"admin: {config.admin.listen}")
     return lines

@@ -32,22 +32,25 @@ def _cmd_run(args) -> int:
     from mtls.events import EventLog
     from mtls.sockets import listen_socket
     from proxy.metrics import Metrics
-    from proxy.sidecar import Sidecar, StartupError, load_generation
+    from proxy.renewer import Renewer
+    from proxy.sidecar import Sidecar
+    from proxy.snapshot import StartupError, load_snapshot
 
     config_path = _config_path(args)
     if config_path is None:
         print("proxy: no config: pass -c FILE or set PROXY_CONFIG", file=sys.stderr)
         return 2
     try:
-        generation = load_generation(config_path)
+        snapshot = load_snapshot(config_path)
     except StartupError as exc:
         for problem in exc.problems:
             print(f"proxy: {problem}", file=sys.stderr)
         print(f"proxy: not started: {len(exc.problems)} problem(s) in {config_path}", file=sys.stderr)
         return 2
-    config = generation.config
+    config = snapshot.config
     log = EventLog(config.log.level, config.log.format)
-    sidecar = Sidecar(config_path, generation, log, Metrics())
+    metrics = Metrics()
+    sidecar = Sidecar(config_path, snapshot, log, metrics)
     try:
         sidecar.bind()
         admin_sock = listen_socket(config.admin.listen) if config.admin else None
@@ -58,11 +61,10 @@ def _cmd_run(args) -> int:
     except OSError as exc:
         print(f"proxy: admin: cannot listen on {config.admin.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    if config.admin:
-        from mtls.sockets import bound_address
-
-        sidecar.bound["admin"] = bound_address(admin_sock)
-    trio.run(sidecar.serve, admin_sock)
+    renewer = None
+    if config.identity.renew is not None:
+        renewer = Renewer(sidecar.current_identity, sidecar.install_identity, log, metrics)
+    trio.run(sidecar.serve, admin_sock, renewer)
     return 0
 
 
@@ -94,6 +96,38 @@ def _cmd_enroll(args) -> int:
     return enroll_main(args.url, args.token, Path(args.bundle), Path(args.out), sys.stdout, sys.stderr)
 
 
+def _cmd_redirect(args) -> int:
+    from proxy.redirect import RedirectError, Target, redirect_main, target_from_config
+
+    action = "apply" if args.apply else "remove" if args.remove else "print"
+    target = None
+    if action != "remove":
+        if args.uid is None:
+            print("proxy redirect: --uid is required: the sidecar's uid, whose connections are not redirected",
+                  file=sys.stderr)
+            return 2
+        if args.port is not None:
+            target = Target(args.port, args.ipv6, args.uid)
+        else:
+            config_path = _config_path(args)
+            if config_path is None:
+                print("proxy redirect: pass --port PORT, or a config with an egress section (-c FILE or "
+                      "PROXY_CONFIG)", file=sys.stderr)
+                return 2
+            try:
+                target = target_from_config(config_path, args.uid)
+            except RedirectError as exc:
+                print(f"proxy redirect: {exc}", file=sys.stderr)
+                return 2
+    return redirect_main(action, target, args.backend, sys.stdout, sys.stderr)
+
+
+def _cmd_suggest(args) -> int:
+    from proxy.suggest import suggest_main
+
+    return suggest_main(Path(args.log), sys.stdout, sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxy", description="mTLS sidecar with SPIFFE allowlists.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -121,6 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--bundle", required=True, help="trust bundle to verify the CA service")
     enroll.add_argument("--out", required=True, help="directory for cert.pem, key.pem, bundle.pem")
     enroll.set_defaults(func=_cmd_enroll)
+
+    redirect = sub.add_parser(
+        "redirect", help="print, apply or remove the rules sending the app's outbound TCP to the egress listener")
+    action = redirect.add_mutually_exclusive_group(required=True)
+    action.add_argument("--print", action="store_true", help="print the script --apply runs")
+    action.add_argument("--apply", action="store_true", help="apply the rules (needs CAP_NET_ADMIN)")
+    action.add_argument("--remove", action="store_true", help="remove the rules")
+    redirect.add_argument("--uid", type=int, help="the sidecar's uid: its own connections are not redirected")
+    redirect.add_argument("-c", "--config", help="config whose egress.listen to redirect to (default: $PROXY_CONFIG)")
+    redirect.add_argument("--port", type=int, help="the egress listener's port, instead of reading a config")
+    redirect.add_argument("--ipv6", action="store_true", help="with --port: the listener is on [::1]")
+    redirect.add_argument("--backend", choices=("nft", "iptables"), help="default: nft if installed, else iptables")
+    redirect.set_defaults(func=_cmd_redirect)
+
+    suggest = sub.add_parser("suggest", help="egress.allow and inbound allow rules that admit what a log saw")
+    suggest.add_argument("--log", required=True, help="the sidecar's JSON log (its stderr)")
+    suggest.set_defaults(func=_cmd_suggest)
     return parser
 
 

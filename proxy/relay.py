@@ -40,7 +40,8 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
-from proxy.handshake import TlsSocket, alert_from_error, ssl_error_text
+from mtls.tlsio import alert_from_error, ssl_error_text
+from proxy.handshake import TlsSocket
 
 SCRATCH_SIZE = 256 * 1024
 _scratch = bytearray(SCRATCH_SIZE)
@@ -55,12 +56,17 @@ _WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
 
 
 class Reset(Exception):
-    """One side broke the connection; the relay aborts the other side too."""
+    """One side broke the connection; the relay aborts the other side too.
 
-    def __init__(self, side: str, detail: str):
+    ``side`` is "tls" or "plain"; ``alert`` is the RFC name of the fatal TLS alert the peer sent
+    (``handshake_failure``), when that is how the TLS side ended.
+    """
+
+    def __init__(self, side: str, detail: str, *, alert: str | None = None):
         super().__init__(f"{side}: {detail}")
         self.side = side
         self.detail = detail
+        self.alert = alert
 
 
 class Link:
@@ -239,7 +245,9 @@ class Relay:
             if isinstance(exc, SSL.SysCallError):
                 raise Reset("tls", ssl_error_text(exc) + " (no close_notify)")
             alert = alert_from_error(exc)
-            raise Reset("tls", f"remote sent alert {alert}" if alert else ssl_error_text(exc))
+            if alert:
+                raise Reset("tls", f"remote sent alert {alert}", alert=alert)
+            raise Reset("tls", ssl_error_text(exc))
         return True
 
     def _write_tls(self, pointer, length: int) -> int:

@@ -2,7 +2,10 @@
 
 Theory of operation
 -------------------
-Renewal (``Renewer.run``, started by ``Sidecar.serve`` when ``identity.renew`` is set):
+Renewal runs in ``Renewer.run``, which ``proxy run`` hands to ``Sidecar.serve`` when
+``identity.renew`` is set. The renewer knows the sidecar through two functions only: ``current()``
+gives the identity section and the credentials of the current snapshot, and ``install(write)``
+replaces the files and reloads.
 
 - due at ``not_before + (at ± 5%) * lifetime``; the jitter is drawn once per certificate, so a
   fleet issued together does not renew together, and a re-check never moves the date;
@@ -10,10 +13,10 @@ Renewal (``Renewer.run``, started by ``Sidecar.serve`` when ``identity.renew`` i
   current certificate (mTLS), and checks the answer exactly as a reload would (``load_credentials``
   on temporary files next to the real ones: same ID, chain to our bundle, key matches);
 - install: key and certificate are each written to a temporary file (0600 for the key from its
-  first byte, fsync) and renamed into place. Two renames are not one atomic step, so while they
-  happen ``Renewer.writing`` is set and the sidecar's file watcher skips its poll; the renewer then
-  calls ``Sidecar.reload("renewal")`` itself, once, which also re-stamps the files. The watcher
-  therefore never sees a new key next to the old certificate (no spurious ``reload_failed``);
+  first byte, fsync) and renamed into place. Two renames are not one atomic step, so they run
+  inside ``install`` (``Sidecar.install_identity``), which holds the lock the sidecar's file
+  watcher also takes and then reloads once, re-stamping the files. The watcher therefore never
+  sees a new key next to the old certificate (no spurious ``reload_failed``);
 - a failed attempt is logged (``renew_failed``: URL, reason, next try) and counted
   (``sidecar_renewals_total{result="failed"}``); retries back off exponentially from ~2% of the
   lifetime (0.2-2 s) to at most 5% of it (1 s-5 min), each delay with 50-100% jitter. Once the
@@ -21,8 +24,8 @@ Renewal (``Renewer.run``, started by ``Sidecar.serve`` when ``identity.renew`` i
   ``readiness_problems`` reports it and ``/readyz`` answers 503, before the certificate expires.
 
 Cancellation: ``Renewer.run`` runs until cancelled; a cancelled attempt leaves no temporary file
-behind and never leaves the key and certificate files out of step (the renames run in a thread
-that trio waits for, and ``writing`` is cleared in a ``finally``).
+behind and never leaves the key and certificate files out of step (``install`` is shielded, and
+the renames run in a thread that trio waits for).
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 
 import trio
 from cryptography.hazmat.primitives import serialization
 
 from mtls.durations import roughly
+from mtls.events import EventLog
 from mtls.files import fsync_directory, write_temporary
 from mtls.spiffe import SpiffeId
 from proxy.caclient import (
@@ -49,7 +54,8 @@ from proxy.caclient import (
     same_key,
 )
 from proxy.config import IdentityConfig
-from proxy.credentials import CredentialError, load_credentials
+from proxy.credentials import CredentialError, Credentials, load_credentials
+from proxy.metrics import Metrics
 
 RECHECK_INTERVAL = 1.0  # seconds: how often the renewer looks at the (possibly reloaded) certificate
 JITTER = 0.05  # renewal point: at ± this fraction of the lifetime
@@ -63,13 +69,29 @@ def _iso(timestamp: float) -> str:
 
 
 class Renewer:
-    """Keeps the sidecar's certificate renewed from ``identity.renew.url`` (see the module docstring)."""
+    """Keeps the sidecar's certificate renewed from ``identity.renew.url`` (see the module docstring).
 
-    def __init__(self, sidecar, *, rng: random.Random | None = None, clock=time.time):
-        self.sidecar = sidecar
+    ``current()`` returns the identity section and credentials in use now; ``install(write)`` runs
+    ``write`` (blocking: it renames the new files into place) where the file watcher cannot look,
+    then reloads and returns whether the reload succeeded.
+    """
+
+    def __init__(
+        self,
+        current: Callable[[], tuple[IdentityConfig, Credentials]],
+        install: Callable[[Callable[[], None]], Awaitable[bool]],
+        log: EventLog,
+        metrics: Metrics,
+        *,
+        rng: random.Random | None = None,
+        clock=time.time,
+    ):
+        self.current = current
+        self.install = install
+        self.log = log
+        self.metrics = metrics
         self.rng = rng or random.Random()
         self.clock = clock
-        self.writing = False  # True while key.pem and cert.pem are being swapped: the watcher waits
         self.failures = 0  # failed attempts in a row, for the current certificate
         self.failing_since: float | None = None
         self.last_error: str | None = None
@@ -100,8 +122,8 @@ class Renewer:
 
     def readiness_problems(self, now: float) -> list[str]:
         """Not ready once renewal has failed past halfway from the renewal point to expiry."""
-        gen = self.sidecar.generation
-        renew, creds = gen.config.identity.renew, gen.creds
+        identity, creds = self.current()
+        renew = identity.renew
         if renew is None or self.failing_since is None or self._failed_serial != creds.leaf.serial_number:
             return []
         due = self.renewal_time(creds, renew.at)
@@ -119,12 +141,11 @@ class Renewer:
     async def run(self) -> None:
         """Renew whenever due, for as long as the sidecar runs (until cancelled)."""
         while True:
-            gen = self.sidecar.generation
-            renew = gen.config.identity.renew
+            identity, creds = self.current()
+            renew = identity.renew
             if renew is None:  # a reload removed it
                 await trio.sleep(RECHECK_INTERVAL)
                 continue
-            creds = gen.creds
             now = self.clock()
             if self._failed_serial == creds.leaf.serial_number:
                 due = self._retry_at
@@ -133,17 +154,16 @@ class Renewer:
             if now < due:
                 await trio.sleep(min(due - now, RECHECK_INTERVAL))
                 continue
-            await self.attempt(gen)
+            await self.attempt(identity, creds)
 
-    async def attempt(self, gen) -> bool:
+    async def attempt(self, identity: IdentityConfig, creds: Credentials) -> bool:
         """One renewal: request, check, install, reload. Never raises (but Cancelled)."""
-        renew, creds = gen.config.identity.renew, gen.creds
+        renew = identity.renew
         started = self.clock()
         lifetime = creds.not_after.timestamp() - creds.not_before.timestamp()
-        log, metrics = self.sidecar.log, self.sidecar.metrics
         try:
             try:
-                new_serial, not_after = await self._renew(gen)
+                new_serial, not_after = await self._renew(identity, creds)
             except ServiceError:
                 raise
             except Exception as exc:  # a bug or an unexpected OS error: this attempt fails, the sidecar runs on
@@ -156,9 +176,9 @@ class Renewer:
             self.last_error = exc.detail
             delay = self._backoff(lifetime)
             self._retry_at = self.clock() + delay
-            metrics.renewals.labels("failed").inc()
+            self.metrics.renewals.labels("failed").inc()
             reason = exc.code or ("refused" if exc.refused else "failed")
-            log.emit(
+            self.log.emit(
                 "error", "renew_failed", url=renew.url, reason=reason,
                 detail=exc.detail, spiffe_id=str(creds.spiffe_id), serial=f"{creds.leaf.serial_number:x}",
                 attempt=self.failures, retry_in_s=round(delay, 3),
@@ -170,17 +190,15 @@ class Renewer:
         self.last_error = None
         self._failed_serial = None
         self._not_before_next = self.clock() + MIN_GAP_FRACTION * max(not_after - self.clock(), 0.0)
-        metrics.renewals.labels("ok").inc()
-        log.emit(
+        self.metrics.renewals.labels("ok").inc()
+        self.log.emit(
             "info", "renewed", url=renew.url, spiffe_id=str(creds.spiffe_id),
             previous_serial=f"{creds.leaf.serial_number:x}", serial=f"{new_serial:x}",
             expires=_iso(not_after), duration_s=round(self.clock() - started, 3),
         )
         return True
 
-    async def _renew(self, gen) -> tuple[int, float]:
-        identity: IdentityConfig = gen.config.identity
-        creds = gen.creds
+    async def _renew(self, identity: IdentityConfig, creds: Credentials) -> tuple[int, float]:
         try:
             service = ServiceUrl.parse(identity.renew.url)
         except ValueError as exc:
@@ -202,7 +220,7 @@ class Renewer:
         pem = serialization.Encoding.PEM
         cert_data = b"".join(cert.public_bytes(pem) for cert in chain)
         staged = await trio.to_thread.run_sync(self._stage, identity, cert_data, key_pem(key), creds.spiffe_id)
-        if not await self._install_and_reload(staged):
+        if not await self._install(staged):
             raise ServiceError("the renewed certificate was written but the reload failed (see reload_failed)",
                                code="reload_failed")
         leaf = chain[0]
@@ -234,8 +252,8 @@ class Renewer:
                                code="bad_answer") from None
         return identity, cert_tmp, key_tmp
 
-    async def _install_and_reload(self, staged) -> bool:
-        """Rename key and certificate into place, then reload once; the watcher waits meanwhile."""
+    async def _install(self, staged) -> bool:
+        """Rename key and certificate into place through ``install``, which then reloads once."""
         identity, cert_tmp, key_tmp = staged
 
         def swap() -> None:
@@ -248,14 +266,7 @@ class Renewer:
             for directory in {identity.key.parent, identity.cert.parent}:
                 fsync_directory(directory)
 
-        self.writing = True
         try:
-            with trio.CancelScope(shield=True):  # never leave the two files out of step
-                try:
-                    await trio.to_thread.run_sync(swap)
-                except OSError as exc:
-                    raise ServiceError(f"cannot replace {exc.filename}: {exc.strerror or exc}",
-                                       code="write_failed") from None
-            return self.sidecar.reload("renewal")  # re-stamps the files: the watcher sees no change
-        finally:
-            self.writing = False
+            return await self.install(swap)
+        except OSError as exc:
+            raise ServiceError(f"cannot replace {exc.filename}: {exc.strerror or exc}", code="write_failed") from None

@@ -15,36 +15,26 @@ import threading
 import time
 
 import pytest
-from harness import (
-    PY,
-    TD,
+from support.certs import API, FRONTEND
+from support.network import (
     App,
-    Sidecar,
     client_context,
-    denial,
-    final_event,
     free_port,
-    inbound_config,
-    issue,
     listening_ports,
-    outbound_config,
     plain_attempt,
     refused_port,
-    run_ca,
     tls_attempt,
 )
+from support.processes import (
+    PY,
+    Sidecar,
+    denial,
+    final_event,
+    inbound_config,
+    outbound_config,
+)
 
-API = f"spiffe://{TD}/ns/prod/sa/api"
-FRONTEND = f"spiffe://{TD}/ns/prod/sa/frontend"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults-pki")
-    ca_dir = root / "ca"
-    run_ca(ca_dir, "init", "--trust-domain", TD)
-    ids = {name: issue(ca_dir, root / name, f"spiffe://{TD}/ns/prod/sa/{name}") for name in ("api", "frontend")}
-    return {"root": root, "ids": ids}
+pytestmark = pytest.mark.e2e
 
 
 def good_request(side: Sidecar, pki, listener: str, payload: bytes = b"good client", timeout: float = 10) -> None:
@@ -140,7 +130,8 @@ def test_outbound_upstream_down_app_sees_a_close_and_the_log_says_upstream_unrea
     try:
         local_port, got, how = plain_attempt(side.ports["api"], b"request")
         assert how != "timeout" and got == b""
-        event = denial(side, local_port)
+        app_addr = f"127.0.0.1:{local_port}"  # outbound: the app's end; peer_addr would be the upstream's
+        event = side.wait_event(lambda e: e["event"] == "conn_denied" and e.get("app_addr") == app_addr)
         assert event["reason"] == "upstream_unreachable", event
         assert f"127.0.0.1:{down_port}" in event["detail"]
     finally:

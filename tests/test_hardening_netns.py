@@ -7,7 +7,7 @@ Topology (all inside namespaces this module creates and deletes; nothing touches
                       ── veth ── intruder  10.200.0.4   a sidecar with a valid identity that api does not allow
 
 Sidecars run as `ip netns exec NS python -m proxy run`; the test's own sockets join a namespace from a
-thread (harness.in_netns), so the test process itself never leaves the host namespace.
+thread (support.network.in_netns), so the test process itself never leaves the host namespace.
 """
 
 from __future__ import annotations
@@ -19,26 +19,20 @@ import socket
 import subprocess
 
 import pytest
-from harness import (
-    TD,
+from support.ca_cli import issue, run_ca
+from support.certs import API, TD, WEB
+from support.network import (
     App,
-    Sidecar,
     client_context,
-    closed_event,
-    denial,
-    final_event,
     in_netns,
-    inbound_config,
-    issue,
-    outbound_config,
     plain_attempt,
     read_until_closed,
-    run_ca,
-    wait_until,
 )
+from support.polling import wait_until
+from support.processes import Sidecar, denial, inbound_config, outbound_config
 
-API = f"spiffe://{TD}/ns/prod/sa/api"
-WEB = f"spiffe://{TD}/ns/prod/sa/web"
+pytestmark = pytest.mark.e2e
+
 INTRUDER = f"spiffe://{TD}/ns/prod/sa/intruder"
 ADDRESSES = {"web": "10.200.0.2", "api": "10.200.0.3", "intruder": "10.200.0.4"}
 APP_PORT, INBOUND_PORT, OUTBOUND_PORT = 8080, 8443, 9001
@@ -138,7 +132,7 @@ def pods(tmp_path_factory):
                 pytest.skip(f"cannot create network namespaces here: {exc}")
             raise
         ca_dir = root / "ca"
-        run_ca(ca_dir, "init", "--trust-domain", TD)
+        run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
         pods.ids = {pod: issue(ca_dir, root / f"id-{pod}", f"spiffe://{TD}/ns/prod/sa/{pod}") for pod in ADDRESSES}
         for pod in ("web", "api"):
             pods.apps[pod] = App(in_netns(pods.ns[pod], _listen_loopback, APP_PORT))
@@ -196,7 +190,10 @@ def test_intruder_with_a_valid_but_unlisted_identity_is_refused_by_api_sidecar(p
     assert WEB in denied["detail"] and INTRUDER in denied["detail"]
     # In TLS 1.3 the client's handshake ends before the server has judged its certificate, so the
     # intruder's sidecar logs the refusal when the alert arrives, as its connection's closing line.
-    refused = final_event(intruder_side, local_port)
+    app_addr = f"127.0.0.1:{local_port}"  # outbound: the app's end; peer_addr is api's sidecar
+    refused = intruder_side.wait_event(
+        lambda e: e["event"] in ("conn_denied", "conn_closed") and e.get("app_addr") == app_addr)
+    assert refused["peer_addr"].startswith(ADDRESSES["api"] + ":")
     assert refused["reason"] == "handshake_failed"
     assert refused["detail"] == "remote refused us: alert handshake_failure"
     assert pods.apps["api"].accepted == before, "not even a TCP connect reached api's app"
@@ -239,7 +236,8 @@ def test_killing_api_sidecar_mid_stream_closes_web_app_connection_and_a_restarte
         got, how = read_until_closed(conn, 10)
     assert how in ("eof", "reset"), f"web's app must see its connection closed, not left hanging ({how})"
     assert got == b""
-    event = closed_event(web_side, local_port)
+    app_addr = f"127.0.0.1:{local_port}"  # outbound: the app's end
+    event = web_side.wait_event(lambda e: e["event"] == "conn_closed" and e.get("app_addr") == app_addr)
     assert event["bytes_in"] == len(b"before the crash")
     assert event["detail"] and "tls side" in event["detail"], f"web's sidecar must say why: {event}"
 

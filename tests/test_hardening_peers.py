@@ -19,59 +19,58 @@ import time
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from harness import (
-    TD,
+from OpenSSL import SSL
+from support.certs import API, FRONTEND, TD, Authority
+from support.network import (
     App,
-    Forge,
-    Sidecar,
     Trickle,
     client_context,
     client_hello,
+    plain_attempt,
+    read_until_closed,
+    tls_attempt,
+)
+from support.polling import wait_until
+from support.processes import (
+    Sidecar,
     closed_event,
     denial,
     inbound_config,
-    issue,
     outbound_config,
-    plain_attempt,
-    read_until_closed,
-    run_ca,
-    tls_attempt,
     vm_rss_kib,
-    wait_until,
 )
-from OpenSSL import SSL
 
 from mtls.spiffe import NotSvid, svid_id
 
-API = f"spiffe://{TD}/ns/prod/sa/api"
-FRONTEND = f"spiffe://{TD}/ns/prod/sa/frontend"
+pytestmark = pytest.mark.e2e
+
 MIB = 1 << 20
 GIB = 1 << 30
 LINGER_RST = struct.pack("ii", 1, 0)
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hard-pki")
-    ca_dir = root / "ca"
-    run_ca(ca_dir, "init", "--trust-domain", TD)
-    ids = {name: issue(ca_dir, root / name, f"spiffe://{TD}/ns/prod/sa/{name}") for name in ("api", "frontend")}
-    forge = Forge(ca_dir)
-    sub_ca, sub_key = forge.intermediate()
+def pki(pki, tmp_path_factory):
+    """conftest's pki, plus for each side (clients, servers) identities whose certificate, signed by that
+    CA's key, breaks one rule."""
+    ours = Authority.from_state_dir(pki["ca_dir"])
+    sub = ours.sub_authority()
 
     def bad_certificates(uri: str) -> dict:
-        out = root / f"bad-{uri.rsplit('/', 1)[1]}"
+        out = tmp_path_factory.mktemp(f"bad-{uri.rsplit('/', 1)[1]}")
+
+        def bad_leaf(name, spiffe_id=uri, signer=ours, **rules):
+            return signer.write_identity(out / name, signer.issue(spiffe_id, **rules)).directory
+
         return {
-            "key_cert_sign_on_leaf": forge.leaf(out / "kcs", (uri,), key_cert_sign=True),
-            "root_only_id": forge.leaf(out / "root-id", (f"spiffe://{TD}",)),
-            "chain_too_long": forge.leaf(out / "long", (uri,), issuer=sub_ca, issuer_key=sub_key,
-                                         chain=(sub_ca, forge.issuer)),
-            "rsa_1024": forge.leaf(out / "rsa1024", (uri,), key=rsa.generate_private_key(65537, 1024)),
-            "p192": forge.leaf(out / "p192", (uri,), key=ec.generate_private_key(ec.SECP192R1())),
+            "key_cert_sign_on_leaf": bad_leaf("kcs", key_cert_sign=True),
+            "root_only_id": bad_leaf("root-id", f"spiffe://{TD}"),
+            "chain_too_long": bad_leaf("long", signer=sub),
+            "rsa_1024": bad_leaf("rsa1024", key=rsa.generate_private_key(65537, 1024)),
+            "p192": bad_leaf("p192", key=ec.generate_private_key(ec.SECP192R1())),
         }
 
-    return {"root": root, "ids": ids, "bad_clients": bad_certificates(FRONTEND),
-            "bad_servers": bad_certificates(API)}
+    return {**pki, "bad_clients": bad_certificates(FRONTEND), "bad_servers": bad_certificates(API)}
 
 
 def good_request(side: Sidecar, pki, listener: str = "api", payload: bytes = b"good client") -> float:
@@ -346,7 +345,9 @@ def test_outbound_refuses_server_certificate_breaking_one_rule_with_a_fatal_aler
     name = case.replace("_", "-")
     local_port, got, how = plain_attempt(side.ports[name], b"app secret that must not leave")
     assert how != "timeout" and got == b"", "the app must see its connection closed"
-    event = denial(side, local_port)
+    app_addr = f"127.0.0.1:{local_port}"  # outbound: the app's end; peer_addr is the server's
+    event = side.wait_event(lambda e: e["event"] == "conn_denied" and e.get("app_addr") == app_addr)
+    assert event["peer_addr"] == f"127.0.0.1:{servers[case].port}"
     assert event["listener"] == name
     server = servers[case]
     wait_until(lambda: server.errors, 10, "the server to see the handshake fail")

@@ -21,27 +21,13 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from harness import (
-    DEADLINE,
-    PY,
-    TD,
-    App,
-    Sidecar,
-    echo_through,
-    free_port,
-    identity_yaml,
-    issue,
-    other_authority,
-    run_ca,
-    wait_until,
-)
-from test_ca_rotate import Stream
-from test_ca_serve import CaService
-from test_sidecar_e2e import tls_connection
+from support.ca_cli import issue, run_ca
+from support.certs import API, FRONTEND, TD, Authority, write_pem
+from support.network import App, Stream, echo_through, free_port, tls_connection
+from support.polling import DEADLINE, wait_until
+from support.processes import PY, CaService, Sidecar, identity_yaml
 
-API = f"spiffe://{TD}/ns/prod/sa/api"
-FRONTEND = f"spiffe://{TD}/ns/prod/sa/frontend"
+pytestmark = pytest.mark.e2e
 
 
 def renewing_identity(ident: Path, url: str, at: float, crl: Path | None = None) -> str:
@@ -86,7 +72,7 @@ def renewal_metric(port: int, result: str) -> float:
 def ca(tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle")
     ca_dir = root / "ca"
-    run_ca(ca_dir, "init", "--trust-domain", TD)
+    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
     service = CaService(ca_dir, root)
     yield ca_dir, service
     service.stop()
@@ -99,7 +85,7 @@ def test_proxy_enroll_writes_an_identity_a_sidecar_accepts(ca, tmp_path):
     ca_dir, service = ca
     spiffe_id = f"spiffe://{TD}/ns/prod/sa/fresh"
     # 48h: `proxy check` counts a certificate expiring within 24 h as a problem
-    token = run_ca(ca_dir, "token", spiffe_id, "--ttl", "10m", "--cert-ttl", "48h").stdout.strip()
+    token = run_ca("token", spiffe_id, "--ttl", "10m", "--cert-ttl", "48h", ca_dir=ca_dir).stdout.strip()
     out = tmp_path / "identity"
     result = proxy("enroll", "--url", service.url, "--token", token, "--bundle", str(ca_dir / "bundle.pem"),
                    "--out", str(out))
@@ -115,12 +101,12 @@ def test_proxy_enroll_writes_an_identity_a_sidecar_accepts(ca, tmp_path):
     config.write_text(identity_yaml(out) + inbound(free_port()))
     checked = proxy("check", "-c", str(config))
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert run_ca(ca_dir, "verify", str(out / "cert.pem"), "--bundle", str(out / "bundle.pem")).returncode == 0
+    assert run_ca("verify", str(out / "cert.pem"), "--bundle", str(out / "bundle.pem"), ca_dir=ca_dir).returncode == 0
 
 
 def test_proxy_enroll_with_a_spent_token_exits_1_with_one_line_naming_the_url(ca, tmp_path):
     ca_dir, service = ca
-    token = run_ca(ca_dir, "token", f"spiffe://{TD}/ns/prod/sa/once").stdout.strip()
+    token = run_ca("token", f"spiffe://{TD}/ns/prod/sa/once", ca_dir=ca_dir).stdout.strip()
     args = ("enroll", "--url", service.url, "--token", token, "--bundle", str(ca_dir / "bundle.pem"))
     assert proxy(*args, "--out", str(tmp_path / "first")).returncode == 0
     result = proxy(*args, "--out", str(tmp_path / "second"))
@@ -140,10 +126,8 @@ def test_proxy_enroll_exits_2_naming_the_url_when_the_service_is_unreachable(ca,
 
 def test_proxy_enroll_exits_2_when_the_service_does_not_verify_against_the_bundle(ca, tmp_path):
     ca_dir, service = ca
-    foreign_root, _ = other_authority()
-    bundle = tmp_path / "foreign.pem"
-    bundle.write_bytes(foreign_root.public_bytes(serialization.Encoding.PEM))
-    token = run_ca(ca_dir, "token", f"spiffe://{TD}/ns/prod/sa/wary").stdout.strip()
+    bundle = write_pem(tmp_path / "foreign.pem", Authority.create("Untrusted").root)
+    token = run_ca("token", f"spiffe://{TD}/ns/prod/sa/wary", ca_dir=ca_dir).stdout.strip()
     result = proxy("enroll", "--url", service.url, "--token", token, "--bundle", str(bundle),
                    "--out", str(tmp_path / "out"))
     assert result.returncode == 2
@@ -189,7 +173,7 @@ def test_proxy_enroll_sends_no_token_to_a_server_that_is_not_the_ca_service(ca, 
 
 def test_sidecars_renew_10_second_certificates_three_times_in_40_s_of_traffic_without_a_failed_connection(tmp_path):
     ca_dir = tmp_path / "ca"
-    run_ca(ca_dir, "init", "--trust-domain", TD)
+    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
     service = CaService(ca_dir, tmp_path)
     app = App()
     sides: list[Sidecar] = []
@@ -263,7 +247,7 @@ def test_sidecars_renew_10_second_certificates_three_times_in_40_s_of_traffic_wi
 
 def test_failing_renewal_is_logged_counted_and_turns_readyz_503_before_expiry_then_recovers(tmp_path):
     ca_dir = tmp_path / "ca"
-    run_ca(ca_dir, "init", "--trust-domain", TD)
+    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
     port = free_port()  # the CA service is not there yet
     url = f"https://127.0.0.1:{port}"
     ident = issue(ca_dir, tmp_path / "api", API, "--ttl", "16s")
@@ -306,10 +290,10 @@ def test_failing_renewal_is_logged_counted_and_turns_readyz_503_before_expiry_th
 
 def test_revocation_cuts_an_open_connection_within_2_s_measured_over_5_runs(tmp_path, tmp_path_factory):
     ca_dir = tmp_path / "ca"
-    run_ca(ca_dir, "init", "--trust-domain", TD)
+    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
     ident = issue(ca_dir, tmp_path / "api", API)
     crl = tmp_path / "crl.pem"
-    run_ca(ca_dir, "crl", "--out", str(crl))
+    run_ca("crl", "--out", str(crl), ca_dir=ca_dir)
     app = App()
     side = Sidecar(tmp_path, "api", identity_yaml(ident, crl) + inbound(app.port, f"spiffe://{TD}/ns/prod/*"))
     side.wait_ready()
@@ -322,8 +306,8 @@ def test_revocation_cuts_an_open_connection_within_2_s_measured_over_5_runs(tmp_
             conn.sendall(b"open")
             assert conn.recv(10) == b"open"
             started = time.time()
-            run_ca(ca_dir, "revoke", victim_id)
-            run_ca(ca_dir, "crl", "--out", str(crl))  # writes atomically into the sidecar's crl path
+            run_ca("revoke", victim_id, ca_dir=ca_dir)
+            run_ca("crl", "--out", str(crl), ca_dir=ca_dir)  # writes atomically into the sidecar's crl path
             landed = crl.stat().st_mtime_ns / 1e9
             event = side.wait_event(lambda e: e.get("reason") == "policy_revoked" and e["peer_id"] == victim_id,
                                     timeout=5, what=f"run {run}: policy_revoked")
@@ -352,35 +336,38 @@ def one_sidecar(tmp_path):
     from mtls.events import EventLog
     from proxy.metrics import Metrics
     from proxy.sidecar import Sidecar as SidecarObject
-    from proxy.sidecar import load_generation
+    from proxy.snapshot import load_snapshot
 
     ca_dir = tmp_path / "ca"
-    run_ca(ca_dir, "init", "--trust-domain", TD)
+    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
     ident = issue(ca_dir, tmp_path / "api", API, "--ttl", "10s")
     config = tmp_path / "api.yaml"
     config.write_text(renewing_identity(ident, "https://127.0.0.1:1", 0.5) + inbound(free_port()))
     log = io.StringIO()
-    sidecar = SidecarObject(config, load_generation(config), EventLog("info", "json", log), Metrics())
+    sidecar = SidecarObject(config, load_snapshot(config), EventLog("info", "json", log), Metrics())
     return sidecar, ca_dir, ident, log
 
 
-def test_renewal_point_is_at_the_fraction_of_the_lifetime_with_at_most_5_percent_jitter(one_sidecar):
+def renewer_for(sidecar, **options):
+    """A Renewer wired to ``sidecar`` as ``proxy run`` wires it."""
     from proxy.renewer import Renewer
 
+    return Renewer(sidecar.current_identity, sidecar.install_identity, sidecar.log, sidecar.metrics, **options)
+
+
+def test_renewal_point_is_at_the_fraction_of_the_lifetime_with_at_most_5_percent_jitter(one_sidecar):
     sidecar, *_ = one_sidecar
-    creds = sidecar.generation.creds
+    creds = sidecar.snapshot.creds
     start, end = creds.not_before.timestamp(), creds.not_after.timestamp()
-    points = [Renewer(sidecar, rng=random.Random(seed)).renewal_time(creds, 0.5) for seed in range(200)]
+    points = [renewer_for(sidecar, rng=random.Random(seed)).renewal_time(creds, 0.5) for seed in range(200)]
     fractions = [(point - start) / (end - start) for point in points]
     assert 0.45 <= min(fractions) < 0.47 and 0.53 < max(fractions) <= 0.55
-    renewer = Renewer(sidecar)
+    renewer = renewer_for(sidecar)
     assert renewer.renewal_time(creds, 0.5) == renewer.renewal_time(creds, 0.5)  # drawn once per certificate
 
 
 def test_retry_backoff_doubles_from_2_percent_of_the_lifetime_up_to_a_cap_with_jitter(one_sidecar):
-    from proxy.renewer import Renewer
-
-    renewer = Renewer(one_sidecar[0], rng=random.Random(1))
+    renewer = renewer_for(one_sidecar[0], rng=random.Random(1))
     delays = []
     for failures in range(1, 12):
         renewer.failures = failures
@@ -393,24 +380,44 @@ def test_retry_backoff_doubles_from_2_percent_of_the_lifetime_up_to_a_cap_with_j
 
 async def test_file_watcher_waits_while_the_renewer_swaps_key_and_certificate(one_sidecar, autojump_clock):
     """A new key next to the old certificate is what the watcher would see between the two renames:
-    while ``writing`` is set it must not try (and fail) to reload."""
+    while the renewer holds ``files_lock`` (as ``install_identity`` does) it must not try (and fail)
+    to reload."""
     import trio
 
-    from proxy.renewer import Renewer
     from proxy.sidecar import FILE_POLL_INTERVAL
 
     sidecar, ca_dir, ident, log = one_sidecar
-    sidecar.renewer = Renewer(sidecar)
     new = issue(ca_dir, ident.parent / "next", API, "--ttl", "10s")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sidecar._watch_files)
-        sidecar.renewer.writing = True
-        os.replace(new / "key.pem", ident / "key.pem")  # half-way through a swap
-        await trio.sleep(FILE_POLL_INTERVAL * 4)
-        assert "reload" not in log.getvalue()
-        os.replace(new / "cert.pem", ident / "cert.pem")
-        sidecar.renewer.writing = False
+        async with sidecar.files_lock:
+            os.replace(new / "key.pem", ident / "key.pem")  # half-way through a swap
+            await trio.sleep(FILE_POLL_INTERVAL * 4)
+            assert "reload" not in log.getvalue()
+            os.replace(new / "cert.pem", ident / "cert.pem")
         await trio.sleep(FILE_POLL_INTERVAL * 2)
         nursery.cancel_scope.cancel()
     events = [json.loads(line)["event"] for line in log.getvalue().splitlines()]
     assert events == ["reloaded"]
+
+
+async def test_install_identity_writes_under_the_watchers_lock_and_reloads_once(one_sidecar, autojump_clock):
+    import trio
+
+    from proxy.sidecar import FILE_POLL_INTERVAL
+
+    sidecar, ca_dir, ident, log = one_sidecar
+    new = issue(ca_dir, ident.parent / "next", API, "--ttl", "10s")
+
+    def write():
+        assert sidecar.files_lock.locked()
+        os.replace(new / "key.pem", ident / "key.pem")
+        os.replace(new / "cert.pem", ident / "cert.pem")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sidecar._watch_files)
+        assert await sidecar.install_identity(write)
+        await trio.sleep(FILE_POLL_INTERVAL * 4)
+        nursery.cancel_scope.cancel()
+    events = [(e["event"], e.get("trigger")) for e in map(json.loads, log.getvalue().splitlines())]
+    assert events == [("reloaded", "renewal")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import signal
 import socket
 import ssl
@@ -10,60 +9,46 @@ import threading
 
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from harness import (
-    TD,
-    App,
-    Forge,
-    Sidecar,
-    echo_through,
-    identity_yaml,
-    issue,
-    other_authority,
-    refused_port,
-    run_ca,
-    wait_until,
-)
+from support.ca_cli import issue, run_ca
+from support.certs import API, DAY, FRONTEND, NOW, TD, Authority
+from support.network import App, echo_through, refused_port, tls_client, tls_connection
+from support.polling import wait_until
+from support.processes import Sidecar, denial, identity_yaml
 
-API = f"spiffe://{TD}/ns/prod/sa/api"
-FRONTEND = f"spiffe://{TD}/ns/prod/sa/frontend"
-NOW = dt.datetime.now(dt.timezone.utc)
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pki")
-    ca_dir = root / "ca"
-    run_ca(ca_dir, "init", "--trust-domain", TD)
-    ids = {name: issue(ca_dir, root / name, f"spiffe://{TD}/ns/prod/sa/{name}")
-           for name in ("api", "frontend", "intruder", "revoked")}
-    run_ca(ca_dir, "revoke", f"spiffe://{TD}/ns/prod/sa/revoked")
-    crl = root / "crl.pem"
-    run_ca(ca_dir, "crl", "--out", str(crl))
-    forge = Forge(ca_dir)
-    untrusted_cert, untrusted_key = other_authority()
-    bad = root / "bad"
+def pki(pki, tmp_path_factory):
+    """conftest's pki, plus a revoked identity with the CRL that says so, and for each side (clients,
+    servers) identities whose certificate breaks one rule: signed by that CA's key or by one nobody trusts."""
+    out = tmp_path_factory.mktemp("sidecar-pki")
+    ca_dir = pki["ca_dir"]
+    revoked = issue(ca_dir, out / "revoked", f"spiffe://{TD}/ns/prod/sa/revoked")
+    run_ca("revoke", f"spiffe://{TD}/ns/prod/sa/revoked", ca_dir=ca_dir)
+    crl = out / "crl.pem"
+    run_ca("crl", "--out", str(crl), ca_dir=ca_dir)
+    ours = Authority.from_state_dir(ca_dir)
+    untrusted = Authority.create("Untrusted")
 
-    def bad_leaf(name, uri=None, **kw):
-        return forge.leaf(bad / name, **({"uris": (uri,)} if uri else {}), **kw)
+    def bad_leaf(name, spiffe_id, signer=ours, **rules):
+        return signer.write_identity(out / "bad" / name, signer.issue(spiffe_id, **rules)).directory
 
-    def matrix(uri, wrong_eku):
+    def matrix(name, wrong_eku):
+        spiffe_id = f"spiffe://{TD}/ns/prod/sa/{name}"
         return {
-            "other_trust_domain": bad_leaf(f"otd-{uri}", f"spiffe://other.org/ns/prod/sa/{uri}"),
-            "untrusted_ca": bad_leaf(f"untrusted-{uri}", f"spiffe://{TD}/ns/prod/sa/{uri}",
-                                     issuer=untrusted_cert, issuer_key=untrusted_key),
-            "expired": bad_leaf(f"expired-{uri}", f"spiffe://{TD}/ns/prod/sa/{uri}",
-                                not_before=NOW - dt.timedelta(days=2), not_after=NOW - dt.timedelta(days=1)),
-            "not_yet_valid": bad_leaf(f"nyv-{uri}", f"spiffe://{TD}/ns/prod/sa/{uri}",
-                                      not_before=NOW + dt.timedelta(days=1), not_after=NOW + dt.timedelta(days=2)),
-            "two_uri_sans": forge.leaf(bad / f"two-{uri}", uris=(f"spiffe://{TD}/ns/prod/sa/{uri}",
-                                                                  f"spiffe://{TD}/ns/prod/sa/other")),
-            "no_uri_san": forge.leaf(bad / f"nouri-{uri}", uris=()),
-            "ca_cert_as_leaf": bad_leaf(f"ca-{uri}", f"spiffe://{TD}/ns/prod/sa/{uri}", ca=True),
-            "wrong_eku": bad_leaf(f"eku-{uri}", f"spiffe://{TD}/ns/prod/sa/{uri}", eku=wrong_eku),
+            "other_trust_domain": bad_leaf(f"otd-{name}", f"spiffe://other.org/ns/prod/sa/{name}"),
+            "untrusted_ca": bad_leaf(f"untrusted-{name}", spiffe_id, untrusted),
+            "expired": bad_leaf(f"expired-{name}", spiffe_id, not_before=NOW - 2 * DAY, not_after=NOW - DAY),
+            "not_yet_valid": bad_leaf(f"nyv-{name}", spiffe_id, not_before=NOW + DAY, not_after=NOW + 2 * DAY),
+            "two_uri_sans": bad_leaf(f"two-{name}", spiffe_id, uris=(spiffe_id, f"spiffe://{TD}/ns/prod/sa/other")),
+            "no_uri_san": bad_leaf(f"nouri-{name}", spiffe_id, uris=()),
+            "ca_cert_as_leaf": bad_leaf(f"ca-{name}", spiffe_id, is_ca=True),
+            "wrong_eku": bad_leaf(f"eku-{name}", spiffe_id, eku=wrong_eku),
         }
 
     return {
-        "ca_dir": ca_dir, "ids": ids, "crl": crl, "root": root,
+        **pki, "ids": {**pki["ids"], "revoked": revoked}, "crl": crl,
         "bad_clients": matrix("frontend", (ExtendedKeyUsageOID.SERVER_AUTH,)),
         "bad_servers": matrix("api", (ExtendedKeyUsageOID.CLIENT_AUTH,)),
     }
@@ -101,45 +86,6 @@ def frontend_side(pki, api_side, tmp_path_factory):
                    outbound_yaml(pki["ids"]["frontend"], {"api": api_side[1].ports["api"]})).wait_ready()
     yield side
     side.stop()
-
-
-def tls_client(ident, port, payload=b"hello"):
-    """A raw TLS client presenting ``ident``; returns (local port, what happened)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if ident is not None:
-        ctx.load_cert_chain(ident / "cert.pem", ident / "key.pem")
-    raw = socket.socket()
-    raw.settimeout(10)
-    raw.bind(("127.0.0.1", 0))
-    local_port = raw.getsockname()[1]
-    try:
-        raw.connect(("127.0.0.1", port))
-        with ctx.wrap_socket(raw) as s:
-            s.sendall(payload)
-            data = s.recv(100)
-            return local_port, f"data {data!r}"
-    except (ssl.SSLError, OSError) as exc:
-        return local_port, f"error {exc}"
-    finally:
-        raw.close()
-
-
-def tls_connection(ident, port) -> ssl.SSLSocket:
-    """A TLS connection presenting ``ident`` that the test holds open."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.load_cert_chain(ident / "cert.pem", ident / "key.pem")
-    return ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10))
-
-
-def denial_for(side: Sidecar, local_port: int) -> dict:
-    return side.wait_event(
-        lambda e: e["event"] == "conn_denied" and e.get("peer_addr") == f"127.0.0.1:{local_port}",
-        what=f"denial of 127.0.0.1:{local_port}",
-    )
 
 
 # --- allowed traffic ---------------------------------------------------------------------------
@@ -201,7 +147,7 @@ def test_inbound_refuses_bad_client_certificate_before_touching_the_app(pki, api
         or pki["bad_clients"][case]
     before = app.accepted
     local_port, outcome = tls_client(ident, side.ports["api"])
-    event = denial_for(side, local_port)
+    event = denial(side, local_port)
     assert event["reason"] == INBOUND_CASES[case], event
     assert event["detail"]
     assert outcome.startswith("error"), f"client should see a TLS alert or close, saw {outcome}"
@@ -212,7 +158,7 @@ def test_inbound_refuses_client_without_certificate(api_side):
     app, side = api_side
     before = app.accepted
     local_port, outcome = tls_client(None, side.ports["api"])
-    assert denial_for(side, local_port)["reason"] == "no_client_cert"
+    assert denial(side, local_port)["reason"] == "no_client_cert"
     assert "alert" in outcome or "CERTIFICATE_REQUIRED" in outcome.upper(), outcome
     assert app.accepted == before
 
@@ -228,7 +174,7 @@ def test_inbound_refuses_plain_tcp_client(api_side):
                 pass
         except OSError:
             pass
-    assert denial_for(side, local_port)["reason"] == "handshake_failed"
+    assert denial(side, local_port)["reason"] == "handshake_failed"
     assert app.accepted == before
 
 
@@ -332,7 +278,7 @@ def test_slowloris_is_cut_at_handshake_timeout_while_good_client_is_served(pki, 
         local_port, outcome = tls_client(pki["ids"]["frontend"], side.ports["api"], b"good")
         assert outcome == "data b'good'"
         for s in (silent, trickle):
-            event = denial_for(side, s.getsockname()[1])
+            event = denial(side, s.getsockname()[1])
             assert event["reason"] == "handshake_timeout"
             assert event["duration_s"] >= 1.0
             s.close()
@@ -353,7 +299,7 @@ def test_connection_limit_refuses_new_connections_and_keeps_open_ones(pki, tmp_p
             assert s.recv(1) == b"x"
             held.append(s)
         local_port, _ = tls_client(pki["ids"]["frontend"], side.ports["api"])
-        event = denial_for(side, local_port)
+        event = denial(side, local_port)
         assert event["reason"] == "connection_limit"
         for s in held:
             s.sendall(b"still here")
@@ -400,12 +346,31 @@ def test_sigterm_drains_open_connections_then_exits_zero(pki, tmp_path):
     app.close()
 
 
+def test_connection_still_open_at_the_drain_deadline_is_closed_and_says_so(pki, tmp_path):
+    app = App()
+    side = Sidecar(tmp_path, "deadline", inbound_yaml(pki["ids"]["api"], app.port,
+                                                      extra="timeouts: {drain: 1s}\n")).wait_ready()
+    conn = tls_connection(pki["ids"]["frontend"], side.ports["api"])
+    try:
+        conn.sendall(b"held")
+        assert conn.recv(100) == b"held"
+        side.signal(signal.SIGTERM)
+        assert side.proc.wait(15) == 0
+        closed = side.wait_event(lambda e: e["event"] == "conn_closed")
+        assert closed["detail"] == "drain timeout reached" and closed["reason"] is None
+        assert closed["duration_s"] >= 1.0
+    finally:
+        conn.close()
+        side.stop()
+        app.close()
+
+
 def test_upstream_unreachable_is_logged_and_client_sees_a_close(pki, tmp_path):
     holder, port = refused_port()
     side = Sidecar(tmp_path, "down", inbound_yaml(pki["ids"]["api"], port)).wait_ready()
     try:
         local_port, outcome = tls_client(pki["ids"]["frontend"], side.ports["api"])
-        event = denial_for(side, local_port)
+        event = denial(side, local_port)
         assert event["reason"] == "upstream_unreachable"
         assert f"127.0.0.1:{port}" in event["detail"]
         assert outcome.startswith("error") or outcome == "data b''"
