@@ -4,7 +4,8 @@ The hierarchy is fixed and narrow: a root (``CA:TRUE, pathlen:1``) signs one onl
 (``CA:TRUE, pathlen:0``, name-constrained to the trust domain's URIs), and the intermediate signs
 X.509-SVID leaves and the CRL. Every function takes ``now`` so tests can build certificates that are
 expired or not yet valid without sleeping. Every issued leaf is checked with ``mtls.spiffe.svid_id``
-before it is returned, so the CA cannot hand out a certificate the sidecar would refuse.
+before it is returned, so the CA cannot hand out a certificate the sidecar would refuse. A leaf's
+subject (``O=TD, CN=web``) is for people reading access logs; its URI SAN is its only identity.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca.errors import InputError, Refused
 from mtls.durations import format_duration, roughly
-from mtls.spiffe import InvalidSpiffeId, NotSvid, parse_spiffe_id, svid_id
+from mtls.spiffe import InvalidSpiffeId, NotSvid, SpiffeId, parse_spiffe_id, svid_id
 
 PrivateKey = Union[ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, rsa.RSAPrivateKey]
 PublicKey = Union[
@@ -44,29 +45,28 @@ REVOCATION_REASONS = (
     "privilegeWithdrawn",
 )
 
-_CA_KEY_USAGE = x509.KeyUsage(
-    digital_signature=False,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=True,
-    crl_sign=True,
-    encipher_only=False,
-    decipher_only=False,
+_KEY_USAGE_BITS = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+    "encipher_only",
+    "decipher_only",
 )
-_LEAF_KEY_USAGE = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=False,
-    crl_sign=False,
-    encipher_only=False,
-    decipher_only=False,
-)
+
+
+def _key_usage(*allowed: str) -> x509.KeyUsage:
+    """A keyUsage extension with only the ``allowed`` bits set."""
+    return x509.KeyUsage(**{bit: bit in allowed for bit in _KEY_USAGE_BITS})
+
+
+_CA_KEY_USAGE = _key_usage("key_cert_sign", "crl_sign")
+_LEAF_KEY_USAGE = _key_usage("digital_signature")
 _LEAF_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+_NAME_LIMIT = 64  # characters of an O or CN (RFC 5280: ub-organization-name, ub-common-name)
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -144,6 +144,21 @@ def _signature_hash(key: PrivateKey) -> hashes.HashAlgorithm | None:
     return hashes.SHA256()
 
 
+def _name(organization: str, common_name: str) -> x509.Name:
+    """``O=organization, CN=common_name``, each cut to the length X.509 allows."""
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, _at_most(_NAME_LIMIT, organization)),
+            x509.NameAttribute(NameOID.COMMON_NAME, _at_most(_NAME_LIMIT, common_name)),
+        ]
+    )
+
+
+def _at_most(limit: int, text: str) -> str:
+    """``text``, or its first ``limit - 3`` characters and ``...`` when it is longer than ``limit``."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _ca_name(trust_domain: str, role: str, generation: int = 1) -> x509.Name:
     """``O=TD, CN=mtls-sidecar root CA``; after ``ca rotate``, ``... root CA 2``, ``... root CA 3``.
 
@@ -151,12 +166,18 @@ def _ca_name(trust_domain: str, role: str, generation: int = 1) -> x509.Name:
     which generation it belongs to (and OpenSSL never has to pick between two CAs of the same name).
     """
     suffix = "" if generation == 1 else f" {generation}"
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"mtls-sidecar {role}{suffix}"),
-        ]
-    )
+    return _name(trust_domain, f"mtls-sidecar {role}{suffix}")
+
+
+def workload_name(spiffe_id: SpiffeId) -> str:
+    """The ID's last path segment: ``web`` for ``spiffe://td/ns/prod/sa/web``."""
+    return spiffe_id.path.rsplit("/", 1)[1]
+
+
+def _leaf_name(spiffe_id: SpiffeId) -> x509.Name:
+    """``O=TD, CN=<workload name>``: for people reading access logs (nginx, haproxy and stunnel show the
+    client's subject). Nothing reads it for identity; the URI SAN is the only identity."""
+    return _name(spiffe_id.trust_domain, workload_name(spiffe_id))
 
 
 def _ski(cert: x509.Certificate) -> x509.SubjectKeyIdentifier:
@@ -255,8 +276,8 @@ class Issuer:
         """Sign an X.509-SVID for ``spiffe_id`` over ``public_key``.
 
         Raises InvalidSpiffeId for an invalid ID or one outside the trust domain, Refused when the
-        leaf would outlive the intermediate (it is never silently shortened), InputError for a DNS
-        name or key the X.509-SVID profile does not accept.
+        intermediate has expired (code ``ca_expired``) or the leaf would outlive it (it is never
+        silently shortened), InputError for a DNS name or key the X.509-SVID profile does not accept.
 
         ``not_before`` is backdated for clock skew by ``CLOCK_SKEW``, or by a tenth of ``ttl`` when
         that is less: a 10-second certificate backdated a whole minute would have most of its
@@ -268,7 +289,9 @@ class Issuer:
             raise InvalidSpiffeId(spiffe_id, f"outside this CA's trust domain {self.trust_domain!r}")
         ca_expires = self.cert.not_valid_after_utc
         if now >= ca_expires:
-            raise Refused(f"the intermediate CA expired at {format_time(ca_expires)}; rotate the CA")
+            raise Refused(
+                f"the intermediate CA expired at {format_time(ca_expires)}; rotate the CA", code="ca_expired"
+            )
         not_after = now + ttl
         if not_after > ca_expires:
             raise Refused(
@@ -283,7 +306,7 @@ class Issuer:
             raise InputError(str(exc)) from None
         leaf = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
+            .subject_name(_leaf_name(parsed))
             .issuer_name(self.cert.subject)
             .public_key(public_key)
             .serial_number(serial if serial is not None else new_serial())
@@ -292,8 +315,8 @@ class Issuer:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_LEAF_KEY_USAGE, critical=True)
             .add_extension(_LEAF_EKU, critical=False)
-            # The subject is empty, so RFC 5280 (4.2.1.6) wants the SAN critical.
-            .add_extension(x509.SubjectAlternativeName(names), critical=True)
+            # The subject is not empty, so RFC 5280 (4.2.1.6) wants the SAN non-critical.
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(self.cert)),

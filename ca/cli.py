@@ -1,4 +1,5 @@
-"""``ca``: argv -> one call into ``ca.operations`` -> printed result and exit code.
+"""``ca``: argv -> one call into the library (``ca.generations``, ``ca.issuance``, ``ca.revocation``,
+``ca.enrollment``, ``ca.inspection``, ``ca.store``) -> printed result and exit code.
 
 Exit codes (contract): 0 ok, 1 refused or invalid (including ``ca verify`` verdicts), 2 usage or
 input error. Every error is one line on stderr, ``ca: <what>: <why>``.
@@ -14,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Sequence
 
-from ca import operations
+from ca import enrollment, generations, inspection, issuance, revocation
 from ca.authority import (
     DEFAULT_KEY_TYPE,
     KEY_TYPES,
@@ -24,10 +25,11 @@ from ca.authority import (
 )
 from ca.errors import CaError, InputError
 from ca.store import BUNDLE, CRL, INTERMEDIATE_CERT, ROOT_CERT, StateDir
-from ca.verify import CrlError, VerifyError, verify_svid_chain
+from ca.verify import CrlError, verify_svid_chain
 from mtls.durations import parse_duration
 from mtls.files import write_atomically
 from mtls.spiffe import InvalidSpiffeId, parse_pattern
+from mtls.trust import VerifyError
 
 DEFAULT_DIR = "ca-data"
 
@@ -192,15 +194,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0), or a usage error argparse has already printed (2)
         return exc.code if isinstance(exc.code, int) else 2
+    try:
+        code = _run(args)
+        sys.stdout.flush()  # now rather than at exit, so that a reader gone away is caught here
+    except BrokenPipeError:  # e.g. `ca list | head -1`: the reader is gone, nothing left to say
+        # Point stdout at /dev/null: the interpreter flushes it again at exit, which would fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Call the command's handler; turn its failures into one line on stderr and an exit code."""
     now = datetime.now(timezone.utc).replace(microsecond=0)
     try:
         return args.handler(args, now)
     except CaError as exc:
         print(f"ca: {exc}", file=sys.stderr)
         return exc.exit_code
-    except BrokenPipeError:  # e.g. `ca list | head`: the reader is gone, nothing left to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    except BrokenPipeError:
+        raise  # not a failure of the command: main handles it
     except OSError as exc:  # the filesystem said no somewhere we did not expect (full disk, permissions)
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"ca: {where}{exc.strerror or exc}", file=sys.stderr)
@@ -216,10 +229,7 @@ def _state_path(args: argparse.Namespace) -> Path:
 
 def _passphrase(args: argparse.Namespace) -> bytes | None:
     if args.passphrase_file:
-        try:
-            data = Path(args.passphrase_file).read_bytes()
-        except OSError as exc:
-            raise InputError(f"cannot read --passphrase-file {args.passphrase_file}: {exc.strerror}") from None
+        data = inspection.read_file(args.passphrase_file, "--passphrase-file")
         data = data.removesuffix(b"\n").removesuffix(b"\r")  # as written by `echo secret > file`
         if not data:
             raise InputError(f"--passphrase-file {args.passphrase_file} is empty")
@@ -244,7 +254,7 @@ def _print_json(value: object) -> None:
 
 def _init(args: argparse.Namespace, now: datetime) -> int:
     passphrase = _passphrase(args)
-    state = operations.init_ca(
+    state = generations.init_ca(
         _state_path(args),
         trust_domain=args.trust_domain,
         key_type=args.key_type,
@@ -271,7 +281,7 @@ def _init(args: argparse.Namespace, now: datetime) -> int:
 
 
 def _issue(args: argparse.Namespace, now: datetime) -> int:
-    issued = operations.issue(
+    issued = issuance.issue(
         StateDir.open(_state_path(args)),
         args.spiffe_id,
         ttl=args.ttl,
@@ -337,7 +347,7 @@ def _list(args: argparse.Namespace, now: datetime) -> int:
 
 
 def _revoke(args: argparse.Namespace, now: datetime) -> int:
-    result = operations.revoke(
+    result = revocation.revoke(
         StateDir.open(_state_path(args)), args.target, reason=args.reason, now=now, passphrase=_passphrase(args)
     )
     for record in result.newly_revoked:
@@ -357,13 +367,13 @@ def _revoke(args: argparse.Namespace, now: datetime) -> int:
 
 def _crl(args: argparse.Namespace, now: datetime) -> int:
     state = StateDir.open(_state_path(args))
-    crl = operations.refresh_crl(state, now=now, passphrase=_passphrase(args))
+    crl = revocation.refresh_crl(state, now=now, passphrase=_passphrase(args))
     pem = state.file(CRL).read_bytes()  # one CRL, or one per live generation after a rotation
     if args.out is None:
         sys.stdout.write(pem.decode("ascii"))
         return 0
     _write_output(args.out, pem)
-    crls = operations.read_crls(state.file(CRL))
+    crls = inspection.read_crls(state.file(CRL))
     counts = ", ".join(f"{len(one)} revoked by '{one.issuer.rfc4514_string()}'" for one in crls)
     if len(crls) == 1:
         counts = f"{len(crl)} revoked"
@@ -398,8 +408,8 @@ def _drop_old(state: StateDir, args: argparse.Namespace, now: datetime) -> None:
             )
 
     try:
-        result = operations.drop_old_roots(state, now=now, force=args.force, passphrase=_passphrase(args))
-    except operations.DropRefused as exc:
+        result = generations.drop_old_roots(state, now=now, force=args.force, passphrase=_passphrase(args))
+    except generations.DropRefused as exc:
         show(exc.blockers, "still valid:")
         raise
     if not result.dropped:
@@ -412,7 +422,7 @@ def _drop_old(state: StateDir, args: argparse.Namespace, now: datetime) -> None:
 
 
 def _rotate(args: argparse.Namespace, now: datetime) -> int:
-    rotated = operations.rotate(
+    rotated = generations.rotate(
         StateDir.open(_state_path(args)),
         now=now,
         passphrase=_passphrase(args),
@@ -435,7 +445,7 @@ def _rotate(args: argparse.Namespace, now: datetime) -> int:
 
 
 def _token(args: argparse.Namespace, now: datetime) -> int:
-    issued = operations.create_token(
+    issued = enrollment.create_token(
         StateDir.open(_state_path(args)), args.spiffe_id, ttl=args.ttl, cert_ttl=args.cert_ttl, now=now
     )
     if args.json:
@@ -461,8 +471,8 @@ def _serve(args: argparse.Namespace, now: datetime) -> int:
 
 
 def _inspect(args: argparse.Namespace, now: datetime) -> int:
-    first, *rest = operations.read_certificates(args.cert)
-    facts = operations.describe(first, now=now)
+    first, *rest = inspection.read_certificates(args.cert)
+    facts = inspection.describe(first, now=now)
     facts["chain"] = [cert.subject.rfc4514_string() for cert in rest]
     if args.json:
         _print_json(facts)
@@ -489,9 +499,9 @@ def _verify(args: argparse.Namespace, now: datetime) -> int:
         allowed = [parse_pattern(value) for value in args.expect]
     except InvalidSpiffeId as exc:
         raise InputError(f"--expect: {exc}") from None
-    leaf, *intermediates = operations.read_certificates(args.cert)
-    roots = operations.read_certificates(args.bundle, "bundle")
-    crls = operations.read_crls(args.crl) if args.crl is not None else []
+    leaf, *intermediates = inspection.read_certificates(args.cert)
+    roots = inspection.read_certificates(args.bundle, "bundle")
+    crls = inspection.read_crls(args.crl) if args.crl is not None else []
     try:
         result = verify_svid_chain(leaf, intermediates, roots, now=now, crls=crls, allowed=allowed)
     except VerifyError as exc:

@@ -41,7 +41,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from ca.authority import PrivateKey, Revocation, format_serial, format_time
+from ca.authority import Issuer, PrivateKey, Revocation, format_serial, format_time
 from ca.errors import InputError, Refused
 from mtls.files import KEY_MODE, PUBLIC_MODE, fsync_directory, write_atomically
 
@@ -154,7 +154,7 @@ class StateDir:
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    def file(self, name: str) -> Path:
+    def file(self, name: str | Path) -> Path:
         return self.path / name
 
     # --- creation ------------------------------------------------------------------------------
@@ -283,22 +283,23 @@ class StateDir:
         """The CA's key type; leaves get a fresh key of the same type."""
         return self.meta["key_type"]
 
-    def load_certificate(self, name: str) -> x509.Certificate:
+    def _read(self, name: str | Path) -> bytes:
         path = self.file(name)
         try:
-            return x509.load_pem_x509_certificate(path.read_bytes())
+            return path.read_bytes()
         except OSError as exc:
             raise InputError(f"cannot read {path}: {exc.strerror}") from None
-        except ValueError:
-            raise InputError(f"{path} is not a PEM certificate (damaged?)") from None
 
-    def load_private_key(self, name: str, passphrase: bytes | None) -> PrivateKey:
-        """Load a CA key; a passphrase is used only if the key is encrypted."""
-        path = self.file(name)
+    def load_certificate(self, name: str | Path) -> x509.Certificate:
+        data = self._read(name)
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise InputError(f"cannot read {path}: {exc.strerror}") from None
+            return x509.load_pem_x509_certificate(data)
+        except ValueError:
+            raise InputError(f"{self.file(name)} is not a PEM certificate (damaged?)") from None
+
+    def load_private_key(self, name: str | Path, passphrase: bytes | None) -> PrivateKey:
+        """Load a CA key; a passphrase is used only if the key is encrypted."""
+        path, data = self.file(name), self._read(name)
         encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data
         if encrypted and not passphrase:
             raise InputError(f"{path} is encrypted: give --passphrase-file FILE or set $CA_PASSPHRASE")
@@ -309,16 +310,28 @@ class StateDir:
                 raise InputError(f"cannot decrypt {path}: wrong passphrase (or the file is damaged)") from None
             raise InputError(f"{path} is not a valid PEM private key (damaged?)") from None
 
-    # --- the index -----------------------------------------------------------------------------
+    def load_issuer(self, passphrase: bytes | None, generation: CaGeneration | None = None) -> Issuer:
+        """The intermediate (the current one, or that of ``generation``) and its key, checked to belong together."""
+        where = Path(".") if generation is None else generation.directory.relative_to(self.path)
+        cert = self.load_certificate(where / INTERMEDIATE_CERT)
+        key = self.load_private_key(where / INTERMEDIATE_KEY, passphrase)
+        raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(*raw) != cert.public_key().public_bytes(*raw):
+            raise InputError(
+                f"{self.file(where / INTERMEDIATE_KEY)} is not the key of {self.file(where / INTERMEDIATE_CERT)}"
+            )
+        return Issuer(cert, key, self.trust_domain)
 
-    def add(self, cert: x509.Certificate, spiffe_id: str, *, now: datetime) -> bool:
-        """Record an issued certificate. False if its serial is already taken (the caller picks another)."""
-        with self.transaction() as db:
-            return StateDir.insert(db, cert, spiffe_id, now=now)
+    def live_issuers(self, passphrase: bytes | None) -> list[Issuer]:
+        """The intermediates of every live generation, current first, keys loaded."""
+        return [self.load_issuer(passphrase, generation) for generation in self.live_generations()]
+
+    # --- the index -----------------------------------------------------------------------------
 
     @staticmethod
     def insert(db: sqlite3.Connection, cert: x509.Certificate, spiffe_id: str, *, now: datetime) -> bool:
-        """``add`` inside the caller's transaction. False if the serial is taken; the transaction stays usable."""
+        """Record an issued certificate inside the caller's transaction. False if its serial is already
+        taken (the caller signs again with another); the transaction stays usable."""
         try:
             db.execute("SAVEPOINT insert_cert")
             db.execute(
@@ -459,13 +472,10 @@ class StateDir:
         return found
 
     def bundle_roots(self) -> list[x509.Certificate]:
-        path = self.file(BUNDLE)
         try:
-            return x509.load_pem_x509_certificates(path.read_bytes())
-        except OSError as exc:
-            raise InputError(f"cannot read {path}: {exc.strerror}") from None
+            return x509.load_pem_x509_certificates(self._read(BUNDLE))
         except ValueError:
-            raise InputError(f"{path} holds no readable certificate (damaged?)") from None
+            raise InputError(f"{self.file(BUNDLE)} holds no readable certificate (damaged?)") from None
 
     def live_generations(self, db: sqlite3.Connection | None = None) -> list[CaGeneration]:
         """The current generation and every older one whose root is still in bundle.pem."""

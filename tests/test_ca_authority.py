@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from ca_helpers import NOW, WEB, memory_ca
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from support.certs import NOW, WEB, Authority
 
 from ca.authority import CLOCK_SKEW, CRL_LIFETIME, Revocation, generate_key, new_serial
 from ca.errors import InputError, Refused
@@ -17,7 +17,7 @@ from mtls.spiffe import InvalidSpiffeId, svid_id
 
 @pytest.fixture(scope="module")
 def ca():
-    return memory_ca()
+    return Authority.from_library()
 
 
 def _ext(cert, kind):
@@ -37,13 +37,28 @@ def test_leaf_follows_x509_svid_profile(ca):
     ]
     san = _ext(leaf, x509.SubjectAlternativeName)
     assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [WEB]
-    assert san.critical  # the subject is empty (RFC 5280 4.2.1.6)
-    assert leaf.subject == x509.Name([])
+    assert not san.critical  # the subject is not empty (RFC 5280 4.2.1.6)
     ski = _ext(leaf, x509.SubjectKeyIdentifier).value
     assert ski == x509.SubjectKeyIdentifier.from_public_key(leaf.public_key())
     aki = _ext(leaf, x509.AuthorityKeyIdentifier).value
     assert aki.key_identifier == _ext(ca.intermediate, x509.SubjectKeyIdentifier).value.digest
     assert str(svid_id(leaf)) == WEB
+
+
+def test_leaf_subject_names_trust_domain_and_workload_for_access_logs(ca):
+    leaf, _ = ca.leaf(WEB)
+    assert leaf.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "example.org"
+    assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "web"
+    assert leaf.subject.rfc4514_string() == "CN=web,O=example.org"
+
+
+def test_leaf_common_name_is_cut_to_64_characters(ca):
+    segment = "payments-" + "x" * 100
+    leaf, _ = ca.leaf(f"spiffe://example.org/ns/prod/sa/{segment}")
+    (common_name,) = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    assert common_name.value == segment[:61] + "..."
+    assert len(common_name.value) == 64
+    assert str(svid_id(leaf)) == f"spiffe://example.org/ns/prod/sa/{segment}"  # the identity is whole
 
 
 def test_leaf_is_signed_by_intermediate_which_is_signed_by_root(ca):
@@ -82,7 +97,8 @@ def test_leaf_never_starts_before_its_intermediate(ca):
 
 def test_issue_refuses_ttl_longer_than_intermediate_instead_of_truncating(ca):
     key = generate_key()
-    with pytest.raises(Refused, match="would outlive the intermediate CA, which expires at 2027-11-28T10:00:00Z"):
+    expiry = f"{NOW + timedelta(days=365):%Y-%m-%dT%H:%M:%SZ}"  # the fixture's intermediate: made at NOW for 365d
+    with pytest.raises(Refused, match=f"would outlive the intermediate CA, which expires at {expiry}"):
         ca.issuer.issue(WEB, key.public_key(), ttl=timedelta(days=366), now=NOW)
 
 
@@ -137,7 +153,7 @@ def test_issue_refuses_malformed_dns_name(ca, name):
 
 @pytest.mark.parametrize("key_type", ["ec-p256", "ed25519", "rsa-3072"])
 def test_every_key_type_yields_an_svid_chain(key_type):
-    ca = memory_ca(key_type=key_type)
+    ca = Authority.from_library(key_type=key_type)
     key = generate_key(key_type)
     leaf = ca.issuer.issue(WEB, key.public_key(), ttl=timedelta(hours=1), now=NOW)
     leaf.verify_directly_issued_by(ca.intermediate)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from ca_helpers import run_ca, start_ca
+import pytest
+from support.ca_cli import run_ca, start_ca
+
+pytestmark = pytest.mark.e2e
 
 ROUNDS = 50
 

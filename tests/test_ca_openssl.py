@@ -9,13 +9,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from ca_helpers import WEB, run_ca
 from cryptography.hazmat.primitives import serialization
+from support.ca_cli import run_ca
+from support.certs import WEB
 
 from ca.authority import Issuer, certificate_pem
-from ca.operations import read_certificates
+from ca.inspection import read_certificates
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command"),
+]
 
 _EXTENSION = re.compile(r"^ {12}(?P<name>[^ ].*?):(?P<critical> critical)? ?$")
 
@@ -73,10 +77,17 @@ def test_openssl_shows_leaf_extensions_with_svid_criticality(issued):
         False,
         "TLS Web Server Authentication, TLS Web Client Authentication",
     )
-    assert extensions["X509v3 Subject Alternative Name"] == (True, f"URI:{WEB}, DNS:web.prod.svc")
+    assert extensions["X509v3 Subject Alternative Name"] == (False, f"URI:{WEB}, DNS:web.prod.svc")
     assert "X509v3 Subject Key Identifier" in extensions
     assert "X509v3 Authority Key Identifier" in extensions
     assert text.count("URI:") == 1
+
+
+def test_openssl_shows_leaf_subject_with_trust_domain_and_workload_name(issued):
+    """What nginx, haproxy and stunnel log as the client DN."""
+    result = openssl("x509", "-in", "leaf.pem", "-noout", "-subject", "-nameopt", "RFC2253", cwd=issued)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "subject=CN=web,O=example.org"
 
 
 def test_openssl_shows_intermediate_as_pathlen_zero_ca_for_the_trust_domain(issued):

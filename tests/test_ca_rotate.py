@@ -5,38 +5,29 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from ca_helpers import assert_one_line_error
-from harness import (
-    TD,
-    App,
-    Sidecar,
-    echo_through,
-    identity_yaml,
-    issue,
-    run_ca,
-    wait_until,
-)
+from support.ca_cli import assert_one_line_error, issue, run_ca
+from support.certs import API, FRONTEND, TD
+from support.network import App, Stream, echo_through
+from support.polling import wait_until
+from support.processes import Sidecar, identity_yaml
 
-from ca import operations
-from ca.operations import read_certificates, read_crls
+from ca import issuance
+from ca.inspection import read_certificates, read_crls
 from ca.store import StateDir
 from proxy.config import IdentityConfig
 from proxy.credentials import load_credentials
 
-API = f"spiffe://{TD}/ns/prod/sa/api"
-FRONTEND = f"spiffe://{TD}/ns/prod/sa/frontend"
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def ca_dir(tmp_path):
     directory = tmp_path / "ca"
-    run_ca(directory, "init", "--trust-domain", TD)
+    run_ca("init", "--trust-domain", TD, ca_dir=directory)
     return directory
 
 
@@ -45,8 +36,8 @@ def serial_of(ident: Path) -> str:
 
 
 def verify(ca_dir: Path, ident: Path, *extra: str):
-    return run_ca(ca_dir, "verify", str(ident / "cert.pem"), "--bundle", str(ca_dir / "bundle.pem"), *extra,
-                  check=False)
+    return run_ca("verify", str(ident / "cert.pem"), "--bundle", str(ca_dir / "bundle.pem"), *extra,
+                  ca_dir=ca_dir, check=False)
 
 
 # --- ca rotate -------------------------------------------------------------------------------------
@@ -55,7 +46,7 @@ def verify(ca_dir: Path, ident: Path, *extra: str):
 def test_rotate_puts_old_and_new_root_in_the_bundle_and_new_leaves_come_from_the_new_intermediate(ca_dir, tmp_path):
     (old_root,) = read_certificates(ca_dir / "bundle.pem")
     old_intermediate = read_certificates(ca_dir / "intermediate.pem")[0]
-    result = run_ca(ca_dir, "rotate")
+    result = run_ca("rotate", ca_dir=ca_dir)
     assert "generation 2 is current" in result.stdout
     bundle = read_certificates(ca_dir / "bundle.pem")
     new_root = read_certificates(ca_dir / "root.pem")[0]
@@ -72,7 +63,7 @@ def test_rotate_puts_old_and_new_root_in_the_bundle_and_new_leaves_come_from_the
 
 def test_leaves_of_the_old_root_still_verify_against_the_rotated_bundle(ca_dir, tmp_path):
     old = issue(ca_dir, tmp_path / "old", API)
-    run_ca(ca_dir, "rotate")
+    run_ca("rotate", ca_dir=ca_dir)
     new = issue(ca_dir, tmp_path / "new", API)
     assert verify(ca_dir, old, "--crl", str(ca_dir / "crl.pem")).returncode == 0
     assert verify(ca_dir, new, "--crl", str(ca_dir / "crl.pem")).returncode == 0
@@ -80,11 +71,11 @@ def test_leaves_of_the_old_root_still_verify_against_the_rotated_bundle(ca_dir, 
 
 def test_revoking_an_old_root_leaf_after_rotation_lands_in_the_old_intermediates_crl(ca_dir, tmp_path):
     old = issue(ca_dir, tmp_path / "old", API)
-    run_ca(ca_dir, "rotate")
+    run_ca("rotate", ca_dir=ca_dir)
     new = issue(ca_dir, tmp_path / "new", FRONTEND)
-    run_ca(ca_dir, "revoke", serial_of(old), "--reason", "keyCompromise")
+    run_ca("revoke", serial_of(old), "--reason", "keyCompromise", ca_dir=ca_dir)
     crl_file = tmp_path / "crl.pem"
-    run_ca(ca_dir, "crl", "--out", str(crl_file))
+    run_ca("crl", "--out", str(crl_file), ca_dir=ca_dir)
     crls = read_crls(crl_file)
     assert [crl.issuer.rfc4514_string() for crl in crls] == [
         f"CN=mtls-sidecar intermediate CA 2,O={TD}", f"CN=mtls-sidecar intermediate CA,O={TD}",
@@ -101,20 +92,20 @@ def test_rotate_keeps_an_encrypted_ca_encrypted(tmp_path):
     ca_dir = tmp_path / "ca"
     secret = tmp_path / "pass"
     secret.write_text("correct horse\n")
-    run_ca(ca_dir, "--passphrase-file", str(secret), "init", "--trust-domain", TD)
+    run_ca("--passphrase-file", str(secret), "init", "--trust-domain", TD, ca_dir=ca_dir)
     wrong = tmp_path / "wrong"
     wrong.write_text("battery staple\n")
-    refused = run_ca(ca_dir, "--passphrase-file", str(wrong), "rotate", check=False)
+    refused = run_ca("--passphrase-file", str(wrong), "rotate", ca_dir=ca_dir, check=False)
     assert_one_line_error(refused, 2)
     assert not (ca_dir / "generations").exists()
-    run_ca(ca_dir, "--passphrase-file", str(secret), "rotate")
+    run_ca("--passphrase-file", str(secret), "rotate", ca_dir=ca_dir)
     assert b"ENCRYPTED PRIVATE KEY" in (ca_dir / "intermediate.key").read_bytes()
-    run_ca(ca_dir, "--passphrase-file", str(secret), "issue", API, "--out", str(tmp_path / "api"))
+    run_ca("--passphrase-file", str(secret), "issue", API, "--out", str(tmp_path / "api"), ca_dir=ca_dir)
 
 
 def test_second_rotation_keeps_every_root_until_dropped(ca_dir):
-    run_ca(ca_dir, "rotate")
-    run_ca(ca_dir, "rotate")
+    run_ca("rotate", ca_dir=ca_dir)
+    run_ca("rotate", ca_dir=ca_dir)
     names = [cert.subject.rfc4514_string() for cert in read_certificates(ca_dir / "bundle.pem")]
     assert names == [f"CN=mtls-sidecar root CA{suffix},O={TD}" for suffix in ("", " 2", " 3")]
     assert len(read_crls(ca_dir / "crl.pem")) == 3
@@ -126,9 +117,9 @@ def test_second_rotation_keeps_every_root_until_dropped(ca_dir):
 def test_drop_old_refuses_while_valid_certificates_chain_to_the_old_root_and_lists_them(ca_dir, tmp_path):
     old_api = issue(ca_dir, tmp_path / "api", API)
     old_front = issue(ca_dir, tmp_path / "front", FRONTEND)
-    run_ca(ca_dir, "rotate")
+    run_ca("rotate", ca_dir=ca_dir)
     before = (ca_dir / "bundle.pem").read_bytes()
-    result = run_ca(ca_dir, "bundle", "--drop-old", check=False)
+    result = run_ca("bundle", "--drop-old", ca_dir=ca_dir, check=False)
     message = assert_one_line_error(result, 1)
     assert "2 unexpired, unrevoked certificate(s) still chain to it" in message and "--force" in message
     listed = result.stdout.splitlines()
@@ -144,10 +135,10 @@ def test_drop_old_succeeds_once_old_leaves_are_revoked_or_expired(ca_dir, tmp_pa
     old = issue(ca_dir, tmp_path / "api", API)
     state = StateDir.open(ca_dir)  # a certificate that expired half a minute ago (the CA was backdated a minute)
     start = read_certificates(ca_dir / "intermediate.pem")[0].not_valid_before_utc + timedelta(seconds=1)
-    operations.issue(state, FRONTEND, ttl=timedelta(seconds=10), now=start, out_dir=tmp_path / "expired")
-    run_ca(ca_dir, "rotate")
-    run_ca(ca_dir, "revoke", serial_of(old), "--reason", "superseded")
-    result = run_ca(ca_dir, "bundle", "--drop-old")
+    issuance.issue(state, FRONTEND, ttl=timedelta(seconds=10), now=start, out_dir=tmp_path / "expired")
+    run_ca("rotate", ca_dir=ca_dir)
+    run_ca("revoke", serial_of(old), "--reason", "superseded", ca_dir=ca_dir)
+    result = run_ca("bundle", "--drop-old", ca_dir=ca_dir)
     assert "dropped root 'CN=mtls-sidecar root CA,O=example.org'" in result.stdout
     assert read_certificates(ca_dir / "bundle.pem") == read_certificates(ca_dir / "root.pem")
     (crl,) = read_crls(ca_dir / "crl.pem")  # the dropped generation no longer signs a CRL
@@ -157,21 +148,21 @@ def test_drop_old_succeeds_once_old_leaves_are_revoked_or_expired(ca_dir, tmp_pa
 
 def test_drop_old_with_force_drops_anyway_and_names_what_it_strands(ca_dir, tmp_path):
     old = issue(ca_dir, tmp_path / "api", API)
-    run_ca(ca_dir, "rotate")
-    result = run_ca(ca_dir, "bundle", "--drop-old", "--force")
+    run_ca("rotate", ca_dir=ca_dir)
+    result = run_ca("bundle", "--drop-old", "--force", ca_dir=ca_dir)
     assert f"forced past: {serial_of(old)}  {API}" in result.stdout
     assert len(read_certificates(ca_dir / "bundle.pem")) == 1
 
 
 def test_drop_old_without_a_rotation_has_nothing_to_drop(ca_dir):
     before = (ca_dir / "bundle.pem").read_bytes()
-    result = run_ca(ca_dir, "bundle", "--drop-old")
+    result = run_ca("bundle", "--drop-old", ca_dir=ca_dir)
     assert "nothing to drop" in result.stdout
     assert (ca_dir / "bundle.pem").read_bytes() == before
 
 
 def test_force_without_drop_old_is_a_usage_error(ca_dir):
-    assert_one_line_error(run_ca(ca_dir, "bundle", "--force", check=False), 2)
+    assert_one_line_error(run_ca("bundle", "--force", ca_dir=ca_dir, check=False), 2)
 
 
 # --- the sidecar's side of the CRL file ------------------------------------------------------------
@@ -179,11 +170,11 @@ def test_force_without_drop_old_is_a_usage_error(ca_dir):
 
 def test_sidecars_of_both_generations_accept_the_crl_file_of_a_rotated_ca(ca_dir, tmp_path):
     old = issue(ca_dir, tmp_path / "old", API)
-    run_ca(ca_dir, "rotate")
+    run_ca("rotate", ca_dir=ca_dir)
     new = issue(ca_dir, tmp_path / "new", FRONTEND)
-    run_ca(ca_dir, "revoke", serial_of(old), "--reason", "keyCompromise")
+    run_ca("revoke", serial_of(old), "--reason", "keyCompromise", ca_dir=ca_dir)
     crl = tmp_path / "crl.pem"
-    run_ca(ca_dir, "crl", "--out", str(crl))
+    run_ca("crl", "--out", str(crl), ca_dir=ca_dir)
     shutil.copy(ca_dir / "bundle.pem", old / "bundle.pem")
     loaded = load_credentials(IdentityConfig(new / "cert.pem", new / "key.pem", new / "bundle.pem", crl, None))
     assert read_certificates(old / "cert.pem")[0].serial_number in loaded.revoked_serials
@@ -221,42 +212,9 @@ class Pod:
         self.install(self.ident.resolve(), bundle)
 
 
-class Stream:
-    """One connection through the pair held open for a whole test; each ``push`` must come back intact."""
-
-    def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-        self.pushed = 0  # bytes sent and echoed back intact
-        self.received = bytearray()  # echoed, not yet checked (the reader thread only appends)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        try:
-            while data := self.sock.recv(65536):
-                self.received += data
-        except OSError:
-            pass
-
-    def push(self, step: int, size: int = 20_000) -> None:
-        chunk = bytes([step % 256]) * size
-        self.sock.sendall(chunk)
-        wait_until(lambda: len(self.received) >= size, what=f"open connection echoes step {step}")
-        assert self.received[:size] == chunk, f"step {step}: the echo differs"
-        del self.received[:size]
-        self.pushed += size
-
-    def close(self) -> None:
-        """Half-close; the echo must end cleanly with nothing unexpected after the last push."""
-        self.sock.shutdown(socket.SHUT_WR)
-        self.reader.join(10)
-        assert not self.reader.is_alive() and bytes(self.received) == b""
-        self.sock.close()
-
-
 def test_full_rotation_under_running_sidecars_never_refuses_a_good_connection(tmp_path):
     ca_dir = tmp_path / "ca"
-    run_ca(ca_dir, "init", "--trust-domain", TD)
+    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
     issued = tmp_path / "issued"
     api = Pod(tmp_path, "api-pod", issue(ca_dir, issued / "api-1", API))
     front = Pod(tmp_path, "front-pod", issue(ca_dir, issued / "front-1", FRONTEND))
@@ -286,7 +244,7 @@ def test_full_rotation_under_running_sidecars_never_refuses_a_good_connection(tm
             steps.append(name)
 
         step("start")
-        run_ca(ca_dir, "rotate")
+        run_ca("rotate", ca_dir=ca_dir)
         step("ca rotate")
         two_roots = ca_dir / "bundle.pem"
         assert len(read_certificates(two_roots)) == 2
@@ -299,11 +257,11 @@ def test_full_rotation_under_running_sidecars_never_refuses_a_good_connection(tm
         front.install(issue(ca_dir, issued / "front-2", FRONTEND), two_roots)
         step("frontend re-issued from the new intermediate", {front_side: 2})
 
-        refused = run_ca(ca_dir, "bundle", "--drop-old", check=False)
+        refused = run_ca("bundle", "--drop-old", ca_dir=ca_dir, check=False)
         assert refused.returncode == 1 and all(serial in refused.stdout for serial in old_serials)
         for serial in old_serials:
-            run_ca(ca_dir, "revoke", serial, "--reason", "superseded")
-        run_ca(ca_dir, "bundle", "--drop-old")
+            run_ca("revoke", serial, "--reason", "superseded", ca_dir=ca_dir)
+        run_ca("bundle", "--drop-old", ca_dir=ca_dir)
         one_root = ca_dir / "bundle.pem"
         assert len(read_certificates(one_root)) == 1
         step("ca bundle --drop-old")

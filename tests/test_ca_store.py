@@ -8,10 +8,11 @@ import stat
 from datetime import timedelta
 
 import pytest
-from ca_helpers import NOW, WEB, files_under, mode_of
 from cryptography import x509
+from support.ca_cli import files_under, mode_of
+from support.certs import NOW, WEB
 
-from ca import operations
+from ca import generations, inspection, issuance, revocation
 from ca.authority import generate_key
 from ca.errors import InputError, Refused
 from ca.store import StateDir
@@ -20,7 +21,7 @@ from mtls.files import KEY_MODE, write_atomically
 
 
 def _init(path, passphrase=None):
-    return operations.init_ca(
+    return generations.init_ca(
         path,
         trust_domain="example.org",
         key_type="ec-p256",
@@ -142,7 +143,7 @@ def test_index_is_in_wal_mode(tmp_path):
 def test_issue_records_certificate_in_index(tmp_path):
     _init(tmp_path / "ca")
     state = StateDir.open(tmp_path / "ca")
-    issued = operations.issue(state, WEB, ttl=timedelta(hours=1), now=NOW, out_dir=tmp_path / "web")
+    issued = issuance.issue(state, WEB, ttl=timedelta(hours=1), now=NOW, out_dir=tmp_path / "web")
     (record,) = state.records()
     assert record.serial == issued.cert.serial_number
     assert record.spiffe_id == WEB
@@ -154,12 +155,13 @@ def test_issue_records_certificate_in_index(tmp_path):
 def test_duplicate_serial_is_detected_not_overwritten(tmp_path):
     _init(tmp_path / "ca")
     state = StateDir.open(tmp_path / "ca")
-    issuer = operations.load_issuer(state, None)
+    issuer = state.load_issuer(None)
     key = generate_key()
     first = issuer.issue(WEB, key.public_key(), ttl=timedelta(hours=1), now=NOW, serial=12345)
     again = issuer.issue(WEB, key.public_key(), ttl=timedelta(hours=2), now=NOW, serial=12345)
-    assert state.add(first, WEB, now=NOW) is True
-    assert state.add(again, WEB, now=NOW) is False
+    with state.transaction() as db:
+        assert StateDir.insert(db, first, WEB, now=NOW) is True
+        assert StateDir.insert(db, again, WEB, now=NOW) is False
     (record,) = state.records()
     assert record.not_after == NOW + timedelta(hours=1)
 
@@ -167,22 +169,22 @@ def test_duplicate_serial_is_detected_not_overwritten(tmp_path):
 def test_revoke_marks_record_and_rewrites_crl(tmp_path):
     _init(tmp_path / "ca")
     state = StateDir.open(tmp_path / "ca")
-    issued = operations.issue(state, WEB, ttl=timedelta(hours=1), now=NOW, out_dir=tmp_path / "web")
-    result = operations.revoke(state, format(issued.cert.serial_number, "x"), reason="keyCompromise", now=NOW)
+    issued = issuance.issue(state, WEB, ttl=timedelta(hours=1), now=NOW, out_dir=tmp_path / "web")
+    result = revocation.revoke(state, format(issued.cert.serial_number, "x"), reason="keyCompromise", now=NOW)
     assert [r.serial for r in result.newly_revoked] == [issued.cert.serial_number]
     (record,) = state.records()
     assert (record.status(NOW), record.reason, record.revoked_at) == ("revoked", "keyCompromise", NOW)
-    crl = operations.read_crls(state.file("crl.pem"))[0]
+    crl = inspection.read_crls(state.file("crl.pem"))[0]
     assert crl.get_revoked_certificate_by_serial_number(issued.cert.serial_number) is not None
 
 
 def test_crl_numbers_increase_with_every_crl(tmp_path):
     _init(tmp_path)
     state = StateDir.open(tmp_path)
-    crls = [operations.refresh_crl(state, now=NOW) for _ in range(3)]
+    crls = [revocation.refresh_crl(state, now=NOW) for _ in range(3)]
     numbers = [crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number for crl in crls]
     assert numbers == [2, 3, 4]  # init signed number 1
-    assert operations.read_crls(state.file("crl.pem")) == crls[-1:]
+    assert inspection.read_crls(state.file("crl.pem")) == crls[-1:]
 
 
 @pytest.mark.parametrize(
@@ -190,10 +192,10 @@ def test_crl_numbers_increase_with_every_crl(tmp_path):
     [("1a2b", 0x1A2B), ("1A:2B", 0x1A2B), ("0x1a2b", 0x1A2B), (" 001a2b ", 0x1A2B)],
 )
 def test_serial_accepts_the_usual_spellings(text, serial):
-    assert operations.parse_serial(text) == serial
+    assert revocation.parse_serial(text) == serial
 
 
 @pytest.mark.parametrize("text", ["", "0", "xyz", "1_2", "+12", "12 34"])
 def test_serial_rejects_non_hex(text):
     with pytest.raises(InputError, match="neither a certificate serial number"):
-        operations.parse_serial(text)
+        revocation.parse_serial(text)
