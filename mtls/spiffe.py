@@ -1,4 +1,4 @@
-"""SPIFFE IDs, allowlist patterns, and reading the ID out of a verified X.509-SVID leaf.
+"""SPIFFE IDs, allowlist patterns and their index, and reading the ID out of a verified X.509-SVID leaf.
 
 Pure: no sockets, no ssl, no trio. Both the CA and the sidecar use these functions, so an ID the CA
 would refuse to issue is also an ID the sidecar refuses to match.
@@ -13,6 +13,7 @@ domain is at most 255 bytes, and any control character (a trailing newline inclu
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -175,11 +176,118 @@ def parse_pattern(value: str) -> IdPattern:
     return IdPattern(base, wildcard=False)
 
 
-def first_match(patterns: tuple[IdPattern, ...], peer: SpiffeId) -> IdPattern | None:
-    for pattern in patterns:
-        if pattern.matches(peer):
-            return pattern
-    return None
+# --- allowlists ---------------------------------------------------------------------------------
+
+NEAREST_RULES = 3  # the most rules PatternSet.nearest names
+
+
+class _Node:
+    """One path (a trust domain's root, or one more segment) in the trie of one trust domain's rules."""
+
+    __slots__ = ("children", "exact", "wildcard", "first_rules")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.exact: int | None = None  # position of the first rule naming exactly this path
+        self.wildcard: int | None = None  # position of the first rule '<this path>/*'
+        # Positions of the first NEAREST_RULES rules at or below this path, in config order. Enough:
+        # nearest() climbs from the deepest node it reaches, and the c rules it took below this node
+        # are all under it, so at least NEAREST_RULES - c of these are new, which is what it lacks.
+        self.first_rules: list[int] = []
+
+    def keep(self, position: int) -> None:
+        if len(self.first_rules) < NEAREST_RULES:
+            self.first_rules.append(position)
+
+    def child(self, segment: str) -> _Node:
+        node = self.children.get(segment)
+        if node is None:
+            node = self.children[segment] = _Node()
+        return node
+
+
+def _segments(path: str) -> list[str]:
+    """``"/ns/prod"`` -> ``["ns", "prod"]``; ``""`` (the trust domain itself) -> ``[]``."""
+    return path.split("/")[1:]
+
+
+class PatternSet:
+    """An allowlist (``allow`` or ``expect``) indexed so that matching costs as much for 10,000 rules as for 1.
+
+    Each trust domain's rules form a trie by path segment. ``match`` walks the peer's path down it
+    once, meeting every ``/*`` rule above the peer and the exact rule naming it: the cost grows with
+    the peer's depth, not with the list. It reports the same rule a walk of the list in config
+    order would (the first that matches), since an allowed decision names it.
+
+    Iterating yields the rules in config order; two sets are equal when their rules are.
+    """
+
+    __slots__ = ("rules", "_domains")
+
+    def __init__(self, rules: Iterable[IdPattern]):
+        self.rules = tuple(rules)
+        self._domains: dict[str, _Node] = {}
+        for position, rule in enumerate(self.rules):
+            node = self._domains.get(rule.base.trust_domain)
+            if node is None:
+                node = self._domains[rule.base.trust_domain] = _Node()
+            node.keep(position)
+            for segment in _segments(rule.base.path):
+                node = node.child(segment)
+                node.keep(position)
+            if rule.wildcard and node.wildcard is None:
+                node.wildcard = position
+            elif not rule.wildcard and node.exact is None:
+                node.exact = position
+
+    def match(self, peer: SpiffeId) -> IdPattern | None:
+        """The first rule in config order that matches ``peer``, or None."""
+        node = self._domains.get(peer.trust_domain)
+        if node is None:
+            return None
+        first: int | None = None
+        for segment in _segments(peer.path):
+            if node.wildcard is not None and (first is None or node.wildcard < first):
+                first = node.wildcard  # a '/*' rule above the peer: the peer has this segment more
+            node = node.children.get(segment)
+            if node is None:
+                break
+        else:
+            if node.exact is not None and (first is None or node.exact < first):
+                first = node.exact
+        return None if first is None else self.rules[first]
+
+    def nearest(self, peer: SpiffeId) -> tuple[IdPattern, ...]:
+        """Up to NEAREST_RULES rules of ``peer``'s trust domain, those sharing the most leading path
+        segments with it first, then in config order; none when no rule names its trust domain."""
+        node = self._domains.get(peer.trust_domain)
+        if node is None:
+            return ()
+        trail = [node]
+        for segment in _segments(peer.path):
+            node = node.children.get(segment)
+            if node is None:
+                break
+            trail.append(node)
+        chosen: list[int] = []
+        for node in reversed(trail):
+            chosen += [position for position in node.first_rules if position not in chosen]
+        return tuple(self.rules[position] for position in chosen[:NEAREST_RULES])
+
+    def __iter__(self) -> Iterator[IdPattern]:
+        return iter(self.rules)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PatternSet) and self.rules == other.rules
+
+    def __hash__(self) -> int:
+        return hash(self.rules)
+
+    def __repr__(self) -> str:
+        return f"PatternSet({[str(rule) for rule in self.rules]!r})"
 
 
 # --- X.509-SVID leaf checks --------------------------------------------------------------------

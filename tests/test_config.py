@@ -79,14 +79,14 @@ def test_parses_the_design_example_into_dataclasses():
     assert api.name == "api"
     assert api.listen == Endpoint("tcp", host="0.0.0.0", port=8443)
     assert api.forward == Endpoint("tcp", host="127.0.0.1", port=8080)
-    assert api.allow == (
+    assert api.allow.rules == (
         parse_pattern("spiffe://example.org/ns/prod/sa/frontend"),
         parse_pattern("spiffe://example.org/ns/ops/*"),
     )
     assert (api.mode, api.proxy_protocol) == ("enforce", False)
     (orders,) = config.outbound
     assert orders.connect == Endpoint("tcp", host="orders.prod.svc", port=8443)
-    assert orders.expect == (parse_pattern("spiffe://example.org/ns/prod/sa/orders"),)
+    assert orders.expect.rules == (parse_pattern("spiffe://example.org/ns/prod/sa/orders"),)
     assert orders.server_name == "orders.prod.svc"
     assert config.admin == AdminConfig(Endpoint("tcp", host="127.0.0.1", port=15000))
     assert config.timeouts == Timeouts(handshake=10.0, connect=5.0, idle=3600.0, drain=30.0)

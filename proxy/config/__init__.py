@@ -8,6 +8,7 @@ from proxy.config.model import (
     AdminConfig,
     Config,
     ConfigError,
+    EgressConfig,
     IdentityConfig,
     InboundConfig,
     Limits,
@@ -20,6 +21,6 @@ from proxy.config.model import (
 from proxy.config.schema import load_config, parse_config
 
 __all__ = [
-    "AdminConfig", "Config", "ConfigError", "IdentityConfig", "InboundConfig", "Limits", "LogConfig",
+    "AdminConfig", "Config", "ConfigError", "EgressConfig", "IdentityConfig", "InboundConfig", "Limits", "LogConfig",
     "OutboundConfig", "RenewConfig", "Timeouts", "TlsConfig", "load_config", "parse_config",
 ]

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtls.endpoints import Endpoint
-from mtls.spiffe import IdPattern
+from mtls.spiffe import PatternSet
+from proxy.egress_rules import EgressRule
 
 DEFAULT_RENEW_AT = 0.66
 
@@ -31,7 +32,7 @@ class InboundConfig:
     name: str
     listen: Endpoint
     forward: Endpoint
-    allow: tuple[IdPattern, ...]
+    allow: PatternSet
     mode: str  # "enforce" | "audit"
     proxy_protocol: bool
 
@@ -41,8 +42,22 @@ class OutboundConfig:
     name: str
     listen: Endpoint
     connect: Endpoint
-    expect: tuple[IdPattern, ...]
+    expect: PatternSet
     server_name: str | None
+
+
+@dataclass(frozen=True)
+class EgressConfig:
+    """Egress containment: where the app's redirected connections arrive, and where they may go."""
+
+    listen: Endpoint
+    mode: str  # "enforce" | "audit" (let everything through, log what would be refused)
+    allow: tuple[EgressRule, ...]
+
+    @property
+    def name(self) -> str:
+        """The listener's name in logs and metrics (no inbound or outbound listener may take it)."""
+        return "egress"
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,7 @@ class Config:
     log: LogConfig
     source: Path  # the config file, as given to load_config / parse_config
     tls: TlsConfig = TlsConfig()
+    egress: EgressConfig | None = None
 
 
 class ConfigError(Exception):

@@ -31,6 +31,7 @@ from proxy.config.model import (
     AdminConfig,
     Config,
     ConfigError,
+    EgressConfig,
     IdentityConfig,
     InboundConfig,
     Limits,
@@ -52,6 +53,7 @@ from proxy.config.yamlreader import (
     written_scalar,
     written_text,
 )
+from proxy.egress_rules import EgressRule, parse_destination, parse_server_name
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
@@ -293,6 +295,68 @@ def read_tls(r: Reader, node: Node, path: str) -> TlsConfig | None:
     return TlsConfig(resumption, lifetime)
 
 
+# --- egress -----------------------------------------------------------------------------------
+
+
+def read_egress(r: Reader, node: Node, path: str) -> EgressConfig | None:
+    start = r.checkpoint()
+    fields = r.mapping(node, path, required=("listen",), optional=("mode", "allow"))
+    if fields is None:
+        return None
+    listen = fields.read("listen", partial(_loopback_listen, r))
+    mode = fields.read("mode", partial(r.choice, allowed=MODES), "enforce")
+    allow = fields.read("allow", partial(_read_egress_rules, r), ())
+    if r.failed_since(start):
+        return None
+    return EgressConfig(listen, mode, allow)
+
+
+def _read_egress_rules(r: Reader, node: Node, path: str) -> tuple[EgressRule, ...] | None:
+    items = r.sequence(node, path)
+    if items is None:
+        return None
+    rules = [_read_egress_rule(r, index, item, item_path) for index, (item_path, item) in enumerate(items)]
+    return tuple(rules) if None not in rules else None
+
+
+def _read_egress_rule(r: Reader, index: int, node: Node, path: str) -> EgressRule | None:
+    start = r.checkpoint()
+    fields = r.mapping(node, path, required=("to",), optional=("expect", "sni"))
+    if fields is None:
+        return None
+    to = fields.read("to", partial(_parsed, r, parse_destination))
+    expect = fields.read("expect", r.patterns)
+    sni = fields.read("sni", partial(_server_names, r), ())
+    if expect and sni:
+        r.problem(node, path, "a rule takes 'expect' (the sidecar speaks mTLS for the app) or 'sni' (the app's "
+                              "own TLS passes through), not both; write two rules")
+    if r.failed_since(start):
+        return None
+    return EgressRule(index, to, expect, sni)
+
+
+def _parsed(r: Reader, parse: Callable[[str], object], node: Node, path: str):
+    text = r.text(node, path)
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except ValueError as exc:
+        r.problem(node, path, str(exc))
+        return None
+
+
+def _server_names(r: Reader, node: Node, path: str) -> tuple[str, ...] | None:
+    items = r.sequence(node, path)
+    if items is None:
+        return None
+    if not items:
+        r.problem(node, path, "must list at least one server name; an empty list allows nothing")
+        return None
+    names = [_parsed(r, parse_server_name, item, item_path) for item_path, item in items]
+    return tuple(names) if None not in names else None
+
+
 # --- the sections, in reading order -----------------------------------------------------------
 
 
@@ -312,6 +376,7 @@ SECTIONS: dict[str, Section] = {
     "limits": Section(read_limits, absent=Limits()),
     "log": Section(read_log, absent=LogConfig()),
     "tls": Section(read_tls, absent=TlsConfig()),
+    "egress": Section(read_egress),
 }
 
 
@@ -327,7 +392,9 @@ def check_unique_names(r: Reader, fields: Fields) -> None:
         name = written_scalar(node)
         if name is None:
             continue
-        if name in first:
+        if name == "egress" and fields.node("egress") is not None:
+            r.problem(node, f"{path}.name", "'egress' is the egress listener's name; choose another")
+        elif name in first:
             other_path, other_node = first[name]
             r.problem(node, f"{path}.name",
                       f"{name!r} is already used by {other_path} (line {line_of(other_node)}); "
@@ -338,9 +405,10 @@ def check_unique_names(r: Reader, fields: Fields) -> None:
 
 def check_listen_conflicts(r: Reader, fields: Fields) -> None:
     listens = [(f"{path}.listen", value_of(listener, "listen")) for path, listener in _listener_nodes(fields)]
-    admin = fields.node("admin")
-    if isinstance(admin, MappingNode):
-        listens.append(("admin.listen", value_of(admin, "listen")))
+    for section in ("admin", "egress"):
+        node = fields.node(section)
+        if isinstance(node, MappingNode):
+            listens.append((f"{section}.listen", value_of(node, "listen")))
     bound: list[tuple[str, Node, Endpoint]] = []
     for path, node in listens:
         endpoint = _quiet_endpoint(node)

@@ -22,7 +22,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from mtls.durations import parse_duration
 from mtls.endpoints import Endpoint, parse_endpoint
-from mtls.spiffe import IdPattern, InvalidSpiffeId, parse_pattern
+from mtls.spiffe import InvalidSpiffeId, PatternSet, parse_pattern
 
 _TAG = "tag:yaml.org,2002:"
 STR, INT, FLOAT, BOOL, NULL, TIMESTAMP = (_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp"))
@@ -318,8 +318,9 @@ class Reader:
             return None
         return self.base_dir / raw
 
-    def patterns(self, node: Node, path: str) -> tuple[IdPattern, ...] | None:
-        """A non-empty list of SPIFFE IDs or patterns (``spiffe://td/ns/*``); None unless every entry is valid."""
+    def patterns(self, node: Node, path: str) -> PatternSet | None:
+        """A non-empty list of SPIFFE IDs or patterns (``spiffe://td/ns/*``), indexed once for matching;
+        None unless every entry is valid."""
         items = self.sequence(node, path)
         if items is None:
             return None
@@ -335,4 +336,4 @@ class Reader:
                 parsed.append(parse_pattern(raw))
             except InvalidSpiffeId as exc:
                 self.problem(item, item_path, f"{raw!r} is not a valid SPIFFE ID: {exc.rule}")
-        return tuple(parsed) if len(parsed) == len(items) else None
+        return PatternSet(parsed) if len(parsed) == len(items) else None
