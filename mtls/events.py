@@ -1,6 +1,6 @@
 """Structured event log: one line per event on stderr, JSON or text.
 
-Connection decisions use the fields of the contract (DESIGN.md, "Decisions, logs, metrics").
+Connection decisions use the fields listed in docs/reference.md ("The decision log").
 """
 
 from __future__ import annotations

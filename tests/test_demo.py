@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.e2e
+
 
 def test_demo_shows_one_allowed_and_one_denied_call_and_exits_zero():
     proc = subprocess.run([sys.executable, "-m", "proxy", "demo"], capture_output=True, text=True, timeout=60)

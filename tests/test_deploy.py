@@ -5,9 +5,10 @@ hadolint and checkov lint the Dockerfile, kubernetes-validate checks every manif
 Kubernetes schemas, checkov runs its Kubernetes checks, and the sidecar configs (the one embedded in
 the ConfigMap and every example) are loaded with the validator behind ``proxy check``.
 
-The lint tools come with the test extra. A missing tool fails its test (CI installs the extra, so a
-missing tool is a broken install, not a reason to skip); only a binary that cannot run on this
-platform skips. checkov is slow (a few seconds per run), so it runs once per framework.
+The lint tools are not in the project's venv: the Makefile installs them into .venv-tools, and `make test`
+puts that on PATH (support.tools finds them). A missing tool fails its test (a broken set-up, not a reason
+to skip); only a binary that cannot run on this platform skips. checkov is slow (a few seconds per run),
+so it runs once per framework.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from __future__ import annotations
 import errno
 import json
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from support.tools import tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -31,26 +31,16 @@ MANIFESTS = sorted(K8S.glob("*.yaml"))
 EXAMPLE_CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
 SIDECAR_CONFIG_PATH = Path("/etc/sidecar/config.yaml")  # where the ConfigMap is mounted in the pod
 NAMESPACE = "mtls-demo"
+EGRESS_REDIRECT = "egress-redirect"  # the init container that runs `proxy redirect --apply`
 
 
 # --- running the tools -------------------------------------------------------------------------
 
 
-def _tool(name: str) -> str:
-    """The tool's executable: the one installed beside this interpreter (the venv), else on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is not installed: `make test` installs it into .venv-tools and puts that on PATH")
-    return found
-
-
 def _run(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(
-            [_tool(name), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+            [tool(name), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
         )
     except OSError as exc:
         if exc.errno == errno.ENOEXEC:
@@ -175,11 +165,13 @@ def _parse(text: str, source: Path):
 # --- Dockerfile --------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_dockerfile_has_no_hadolint_warnings():
     result = _run("hadolint", "--no-color", "--failure-threshold", "warning", str(DOCKERFILE))
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 def test_dockerfile_passes_checkov_dockerfile_checks(checkov_dockerfile):
     _assert_checkov_passed(checkov_dockerfile, "Dockerfile")
 
@@ -222,6 +214,7 @@ def test_dockerignore_admits_only_the_sources_of_the_wheel():
 # --- Kubernetes manifests ----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
 def test_manifest_is_valid_against_the_kubernetes_schemas_strictly(manifest):
     result = _run("kubernetes-validate", "--strict", str(manifest), timeout=60)
@@ -231,10 +224,12 @@ def test_manifest_is_valid_against_the_kubernetes_schemas_strictly(manifest):
     assert lines and all(ln.startswith("INFO ") and " passed " in ln for ln in lines), "\n".join(lines)
 
 
+@pytest.mark.e2e
 def test_manifests_pass_checkov_kubernetes_checks(checkov_kubernetes):
     _assert_checkov_passed(checkov_kubernetes, "Kubernetes")
 
 
+@pytest.mark.e2e
 def test_every_skipped_checkov_check_states_its_reason(checkov_dockerfile, checkov_kubernetes):
     for report in (checkov_dockerfile, checkov_kubernetes):
         for check in report.get("results", {}).get("skipped_checks", []):
@@ -266,6 +261,8 @@ def test_workload_is_read_only_non_root_without_capabilities_or_token(kind, name
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     for container in _all_containers(workload):
+        if container["name"] == EGRESS_REDIRECT:
+            continue  # root with NET_ADMIN for one command: see test_egress_redirect_...
         sc = container["securityContext"]
         label = f"{name}/{container['name']}"
         assert sc["readOnlyRootFilesystem"] is True, label
@@ -274,6 +271,27 @@ def test_workload_is_read_only_non_root_without_capabilities_or_token(kind, name
         assert sc["allowPrivilegeEscalation"] is False, label
         assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), label
         assert sc["seccompProfile"]["type"] == "RuntimeDefault", label
+
+
+def test_egress_redirect_init_container_alone_adds_net_admin_and_runs_before_the_sidecar():
+    pod = _web_pod()
+    init = pod["initContainers"]
+    assert init[0]["name"] == EGRESS_REDIRECT and "restartPolicy" not in init[0], "runs once, before the others"
+    assert [c["name"] for c in (*init, *pod["containers"])].count(EGRESS_REDIRECT) == 1
+    sc = init[0]["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["privileged"] is False and sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert all(m["mountPath"] != "/run/identity" for m in init[0].get("volumeMounts", [])), "no identity for it"
+    args = init[0]["args"]
+    assert args[:2] == ["redirect", "--apply"]
+    sidecar_uid = _sidecar()["securityContext"]["runAsUser"]
+    assert args[args.index("--uid") + 1] == str(sidecar_uid), "the rules exempt the sidecar's own uid"
+    assert all(c["securityContext"]["runAsUser"] != sidecar_uid for c in pod["containers"]), \
+        "the app must not share the sidecar's uid, or its connections would escape the redirect"
+    config = _parse(_embedded_config_text(), SIDECAR_CONFIG_PATH)
+    assert config.egress is not None and config.egress.mode == "enforce"
+    assert args[args.index("-c") + 1] == str(SIDECAR_CONFIG_PATH)
 
 
 def test_every_container_has_resource_requests_and_limits():

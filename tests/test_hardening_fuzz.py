@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import PY, TD, run_ca
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.ca_cli import run_ca
+from support.certs import TD
+from support.processes import PY
 
 from mtls.spiffe import InvalidSpiffeId, parse_pattern, parse_spiffe_id
 from proxy.config import ConfigError, parse_config
@@ -76,9 +78,10 @@ def test_parsers_refuse_values_that_are_not_strings_with_their_own_error(value):
         parse_pattern(value)
 
 
+@pytest.mark.e2e
 def test_ca_issue_refuses_an_id_that_is_not_utf8_with_one_line_and_exit_2(tmp_path):
     ca_dir = tmp_path / "ca"
-    run_ca(ca_dir, "init", "--trust-domain", TD)
+    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
     # argv bytes that are not UTF-8 reach Python as lone surrogates (PEP 383).
     proc = subprocess.run(
         [os.fsencode(PY), b"-m", b"ca", b"issue", b"spiffe://example.org/ns/\xff",

@@ -1,38 +1,27 @@
 """Hardening: an external TLS scanner (sslyze) against an inbound listener, with and without a client certificate.
 
-sslyze pins an older `cryptography` than ours (sslyze 6.3 wants cryptography<47; we run 50, whose
-OpenSSL 4 is the sidecar's TLS engine), so it never goes into the project's venv: the fixture builds a
-venv of its own under /tmp (once; later runs reuse it) and runs a small scan script there, which
-prints the results as JSON. Set SSLYZE_PYTHON to an interpreter that has sslyze to skip the build.
+sslyze pins an older `cryptography` than ours (sslyze 6.3 wants cryptography<47; the sidecar runs a newer one,
+whose OpenSSL is its TLS engine), so it never goes into the project's venv: the Makefile installs it into the
+tools venv, .venv-tools, and the test runs a small scan script with that venv's interpreter (support.tools), which
+prints the results as JSON.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
 import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-from harness import (
-    TD,
-    App,
-    Sidecar,
-    client_context,
-    inbound_config,
-    issue,
-    read_until_closed,
-    run_ca,
-    tls_attempt,
-)
+from support.certs import FRONTEND
+from support.network import App, client_context, read_until_closed, tls_attempt
+from support.processes import Sidecar, inbound_config
+from support.tools import tool_python
 
-SSLYZE_REQUIREMENT = "sslyze>=6.3,<6.4"
-SSLYZE_VENV = Path("/tmp") / f"mtls-sidecar-sslyze-{SSLYZE_REQUIREMENT.split('>=')[1].split(',')[0]}"
-FRONTEND = f"spiffe://{TD}/ns/prod/sa/frontend"
+pytestmark = pytest.mark.e2e
+
 TLS13_AEAD_SUITES = {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256",
                      "TLS_AES_128_CCM_SHA256", "TLS_AES_128_CCM_8_SHA256"}
 
@@ -83,49 +72,21 @@ SCAN = textwrap.dedent("""
 """)
 
 
-def _build_venv(target: Path) -> None:
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(target)], check=True, capture_output=True,
-                   timeout=120)
-    pip = subprocess.run([str(target / "bin" / "python"), "-m", "pip", "install", "--quiet", SSLYZE_REQUIREMENT],
-                         capture_output=True, text=True, timeout=600)
-    if pip.returncode != 0:
-        raise RuntimeError(pip.stderr.strip().splitlines()[-1] if pip.stderr.strip() else "pip failed")
-
-
-@pytest.fixture(scope="module")
-def sslyze_python() -> str:
-    if os.environ.get("SSLYZE_PYTHON"):
-        return os.environ["SSLYZE_PYTHON"]
-    python = SSLYZE_VENV / "bin" / "python"
-    stamp = SSLYZE_VENV / ".installed"
-    with open(f"{SSLYZE_VENV}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs build it once
-        if not stamp.exists():
-            try:
-                _build_venv(SSLYZE_VENV)
-            except (RuntimeError, subprocess.SubprocessError) as exc:
-                pytest.skip(f"cannot install {SSLYZE_REQUIREMENT} into {SSLYZE_VENV} (no package index?): {exc}")
-            stamp.write_text(SSLYZE_REQUIREMENT + "\n")
-    return str(python)
-
-
 # The default, and the opt-in TLS 1.3 session resumption: with session tickets on, 0-RTT would become
 # possible if the server ever accepted early data.
 CONFIGS = {"default": "", "session_resumption": "tls: {session_resumption: true}\n"}
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
-def scanned(request, sslyze_python, tmp_path_factory):
+def scanned(request, ids, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"scan-{request.param}")
-    run_ca(root / "ca", "init", "--trust-domain", TD)
-    api = issue(root / "ca", root / "api", f"spiffe://{TD}/ns/prod/sa/api")
-    frontend = issue(root / "ca", root / "frontend", FRONTEND)
+    api, frontend = ids["api"], ids["frontend"]
     app = App()
     side = Sidecar(root, "api", inbound_config(api, f"127.0.0.1:{app.port}", [FRONTEND],
                                                extra=CONFIGS[request.param])).wait_ready()
     try:
         proc = subprocess.run(
-            [sslyze_python, "-c", SCAN, "127.0.0.1", str(side.ports["api"]),
+            [tool_python("sslyze"), "-c", SCAN, "127.0.0.1", str(side.ports["api"]),
              str(frontend / "cert.pem"), str(frontend / "key.pem")],
             capture_output=True, text=True, timeout=300,
         )

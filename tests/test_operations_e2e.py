@@ -10,21 +10,15 @@ import urllib.request
 
 import pytest
 from cryptography import x509
-from harness import TD, App, Sidecar, identity_yaml, issue, run_ca, wait_until
 from prometheus_client.parser import text_string_to_metric_families
-from test_proxy_protocol import read_header
-from test_sidecar_e2e import FRONTEND, denial_for, tls_client
+from support.certs import FRONTEND, TD
+from support.network import App, read_header, tls_client
+from support.polling import wait_until
+from support.processes import Sidecar, denial, identity_yaml
+
+pytestmark = pytest.mark.e2e
 
 INTRUDER = f"spiffe://{TD}/ns/prod/sa/intruder"
-
-
-@pytest.fixture(scope="module")
-def ids(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ops-pki")
-    ca_dir = root / "ca"
-    run_ca(ca_dir, "init", "--trust-domain", TD)
-    return {name: issue(ca_dir, root / name, f"spiffe://{TD}/ns/prod/sa/{name}")
-            for name in ("api", "frontend", "intruder")}
 
 
 def scrape(port: int) -> dict[tuple, float]:
@@ -58,8 +52,8 @@ def test_metrics_count_a_known_mix_of_allowed_and_denied_connections_exactly(ids
         for _ in range(3):
             assert tls_client(ids["frontend"], port, b"12345")[1] == "data b'12345'"
         for _ in range(2):
-            denial_for(side, tls_client(ids["intruder"], port)[0])
-        denial_for(side, tls_client(None, port)[0])
+            denial(side, tls_client(ids["intruder"], port)[0])
+        denial(side, tls_client(None, port)[0])
         wait_until(lambda: side.count(lambda e: e["event"] == "conn_closed") == 3, what="three closes")
         samples = scrape(side.ports["admin"])
         labels = {"listener": "api", "direction": "inbound"}
@@ -107,7 +101,7 @@ def test_audit_mode_lets_a_would_be_denial_through_and_logs_and_counts_it(ids, t
         assert value(samples, "sidecar_audit_would_deny_total", listener="audited", direction="inbound",
                      reason="identity_not_allowed") == 1
         # the enforcing port next to it still refuses the same peer
-        denial_for(side, tls_client(ids["intruder"], side.ports["api"])[0])
+        denial(side, tls_client(ids["intruder"], side.ports["api"])[0])
     finally:
         side.stop()
         app.close()

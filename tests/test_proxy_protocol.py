@@ -7,10 +7,10 @@ from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
-from proxyprotocol import ProxyProtocolIncompleteError
-from proxyprotocol.result import ProxyResult, ProxyResultIPv4, ProxyResultIPv6
+from proxyprotocol.result import ProxyResultIPv4, ProxyResultIPv6
 from proxyprotocol.tlv import Type
 from proxyprotocol.v2 import ProxyProtocolV2
+from support.network import read_header, recv_exactly
 
 from proxy.proxy_protocol import PP2_TYPE_SPIFFE_ID, v2_header
 
@@ -45,26 +45,6 @@ def accepted_connection(host: str):
             accepted, _ = listener.accept()
             with accepted:
                 yield client, accepted, address
-
-
-def read_header(sock: socket.socket) -> ProxyResult:
-    """What an app does: read exactly as many bytes as the parser asks for, never more."""
-    parser = ProxyProtocolV2()
-    data = b""
-    while True:
-        try:
-            return parser.unpack(data)
-        except ProxyProtocolIncompleteError as incomplete:
-            data += recv_exactly(sock, incomplete.want_read.want_bytes)
-
-
-def recv_exactly(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        assert chunk, f"connection closed after {len(data)} of {count} bytes"
-        data += chunk
-    return data
 
 
 @pytest.mark.parametrize("host, result_type, address_type", FAMILIES)

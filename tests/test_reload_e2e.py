@@ -8,17 +8,20 @@ import signal
 import threading
 
 import pytest
-from harness import TD, App, Sidecar, identity_yaml, issue, run_ca, wait_until
-from test_sidecar_e2e import FRONTEND, denial_for, tls_client, tls_connection
+from support.ca_cli import issue, run_ca
+from support.certs import FRONTEND, TD, WEB
+from support.network import App, tls_client, tls_connection
+from support.polling import wait_until
+from support.processes import Sidecar, denial, identity_yaml
 
-WEB = f"spiffe://{TD}/ns/prod/sa/web"
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory):
     root = tmp_path_factory.mktemp("reload-pki")
     ca_dir = root / "ca"
-    run_ca(ca_dir, "init", "--trust-domain", TD)
+    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
     return root, ca_dir
 
 
@@ -164,7 +167,7 @@ def test_revocation_reaching_the_sidecar_cuts_open_connections_and_new_handshake
     ident = tmp_path / "identity"
     shutil.copytree(fresh(ca, "api", f"spiffe://{TD}/ns/prod/sa/api"), ident)
     crl_path = tmp_path / "crl.pem"
-    run_ca(ca_dir, "crl", "--out", str(crl_path))
+    run_ca("crl", "--out", str(crl_path), ca_dir=ca_dir)
     victim_id = f"spiffe://{TD}/ns/prod/sa/victim-{os.urandom(3).hex()}"
     victim = fresh(ca, "victim", victim_id)
     app = App()
@@ -174,14 +177,14 @@ def test_revocation_reaching_the_sidecar_cuts_open_connections_and_new_handshake
         conn = tls_connection(victim, side.ports["api"])
         conn.sendall(b"before")
         assert conn.recv(10) == b"before"
-        run_ca(ca_dir, "revoke", victim_id, "--reason", "keyCompromise")
+        run_ca("revoke", victim_id, "--reason", "keyCompromise", ca_dir=ca_dir)
         fresh_crl = tmp_path / "crl.new"
-        run_ca(ca_dir, "crl", "--out", str(fresh_crl))
+        run_ca("crl", "--out", str(fresh_crl), ca_dir=ca_dir)
         os.replace(fresh_crl, crl_path)  # "the CRL reaches the sidecar": a file copy
         event = side.wait_event(lambda e: e.get("reason") == "policy_revoked", timeout=2.5, what="cut within 2 s")
         assert event["peer_id"] == victim_id and "CRL" in event["detail"]
         local_port, _ = tls_client(victim, side.ports["api"])
-        assert denial_for(side, local_port)["reason"] == "revoked"
+        assert denial(side, local_port)["reason"] == "revoked"
         conn.close()
     finally:
         side.stop()

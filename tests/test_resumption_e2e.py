@@ -6,27 +6,14 @@ import socket
 import ssl
 
 import pytest
-from harness import (
-    TD,
-    App,
-    Sidecar,
-    echo_through,
-    identity_yaml,
-    issue,
-    run_ca,
-    wait_until,
-)
-from test_sidecar_e2e import API, FRONTEND, denial_for
+from support.certs import API, FRONTEND
+from support.network import App, echo_through
+from support.polling import wait_until
+from support.processes import Sidecar, denial, identity_yaml
+
+pytestmark = pytest.mark.e2e
 
 RESUME = "tls: {session_resumption: true, session_lifetime: 10m}\n"
-
-
-@pytest.fixture(scope="module")
-def ids(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume-pki")
-    ca_dir = root / "ca"
-    run_ca(ca_dir, "init", "--trust-domain", TD)
-    return {name: issue(ca_dir, root / name, f"spiffe://{TD}/ns/prod/sa/{name}") for name in ("api", "frontend")}
 
 
 def inbound(ids, app_port, allow_b=("spiffe://example.org/ns/other/*",)):
@@ -86,7 +73,7 @@ def test_policy_is_checked_again_on_a_resumed_connection(ids, tmp_path):
                 assert second.recv(10) == b""
         except OSError:
             pass
-        event = denial_for(api, local_port)
+        event = denial(api, local_port)
         assert event["reason"] == "identity_not_allowed"
         assert event["detail"].startswith("resumed session: port b allows")
     finally:
