@@ -23,6 +23,7 @@ UPSTREAM_UNREACHABLE = "upstream_unreachable"
 CONNECTION_LIMIT = "connection_limit"
 POLICY_REVOKED = "policy_revoked"
 IDLE_TIMEOUT = "idle_timeout"
+EGRESS_DENIED = "egress_denied"
 
 
 @dataclass(frozen=True, slots=True)

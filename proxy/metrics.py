@@ -42,6 +42,11 @@ class Metrics:
         self.identity_expiry = Gauge(
             "sidecar_identity_expiry_timestamp_seconds", "Expiry (unix time) of the loaded identity certificate.", registry=r,
         )
+        self.egress_denied = Counter(
+            "sidecar_egress_denied", "App connections to destinations egress.allow does not admit, by cause "
+            "(no_rule|sni_not_allowed|no_client_hello) and mode (enforce: reset; audit: let through).",
+            ["cause", "mode"], registry=r,
+        )
         self.reloads = Counter("sidecar_reloads", "Reloads by result (ok|failed).", ["result"], registry=r)
         self.renewals = Counter("sidecar_renewals", "Certificate renewals by result (ok|failed).", ["result"], registry=r)
 
