@@ -29,6 +29,7 @@ RUN python -m venv /opt/venv
 # Only what the wheel is built from (see .dockerignore: everything else stays out of the context).
 COPY pyproject.toml README.md ./
 COPY ca/ ca/
+COPY mtls/ mtls/
 COPY proxy/ proxy/
 
 # The wheel has no test extras; pip installs only the runtime dependencies named in pyproject.toml.

@@ -208,7 +208,7 @@ def test_dockerignore_admits_only_the_sources_of_the_wheel():
     rules = [ln for ln in lines if ln and not ln.startswith("#")]
     assert rules[0] == "*", "an allow-list: everything is excluded first"
     admitted = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
-    assert admitted == {"pyproject.toml", "README.md", "ca", "proxy"}
+    assert admitted == {"pyproject.toml", "README.md", "ca", "mtls", "proxy"}
 
 
 # --- Kubernetes manifests ----------------------------------------------------------------------
