@@ -9,7 +9,6 @@ leaves no trace.
 from __future__ import annotations
 
 import os
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -28,6 +27,7 @@ from ca.authority import (
     workload_name,
 )
 from ca.errors import CaError, InputError, Refused
+from ca.index import Transaction
 from ca.inspection import read_csr
 from ca.store import BUNDLE, StateDir
 from mtls.files import KEY_MODE, write_atomically
@@ -80,7 +80,7 @@ def within_intermediate(issuer: Issuer, ttl: timedelta, *, now: datetime) -> tim
 
 
 def sign_and_record(
-    db: sqlite3.Connection,
+    db: Transaction,
     issuer: Issuer,
     spiffe_id: str,
     public_key: PublicKey,
@@ -88,12 +88,14 @@ def sign_and_record(
     ttl: timedelta,
     now: datetime,
     dns_names: Sequence[str] = (),
+    parent_serial: int | None = None,
 ) -> x509.Certificate:
-    """Sign a leaf and record it in the index inside ``db``'s transaction; should its random serial be
-    taken already, sign again. Whatever refuses the leaf (``Issuer.issue``) rolls the transaction back."""
+    """Sign a leaf and record it in the index inside ``db``'s transaction (``parent_serial``: the
+    certificate a renewal replaces); should its random serial be taken already, sign again. Whatever
+    refuses the leaf (``Issuer.issue``) rolls the transaction back."""
     for _ in range(_SERIAL_ATTEMPTS):
         cert = issuer.issue(spiffe_id, public_key, ttl=ttl, now=now, dns_names=dns_names)
-        if StateDir.insert(db, cert, spiffe_id, now=now):
+        if StateDir.insert(db, cert, spiffe_id, now=now, parent_serial=parent_serial):
             return cert
     raise CaError(f"could not find a free serial number in {_SERIAL_ATTEMPTS} attempts")
 

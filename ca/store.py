@@ -1,4 +1,4 @@
-"""The state directory: CA certificates and keys as files, issued certificates in a SQLite index.
+"""The state directory: CA certificates and keys as files, issued certificates in an index (SQLite or PostgreSQL).
 
 Layout of DIR (mode 0700)::
 
@@ -20,22 +20,30 @@ Keys are created with mode 0600 from their first byte and appear under their fin
 complete (temporary file, fsync, rename or link, fsync of the directory). `ca.db` is the last file
 init creates, so its presence means "a CA lives here".
 
-Concurrency: the database runs in WAL mode and every write is one ``BEGIN IMMEDIATE`` transaction
-under a generous busy timeout, so two admins issuing at once queue for a moment instead of losing a
-record. Serial numbers are the primary key: a collision is detected, never silently overwritten.
+Concurrency: every write is one transaction that has the index to itself (SQLite: ``BEGIN
+IMMEDIATE`` under a generous busy timeout; PostgreSQL: an advisory lock, see ``ca.index``), so two
+admins or replicas writing at once queue for a moment instead of losing a record. Serial numbers are
+the primary key: a collision is detected, never silently overwritten.
+
+PostgreSQL (``ca --db postgresql://...``): the database holds the index *and* the CA's shared files
+(the certificates, the keys as written, encrypted when there is a passphrase, bundle.pem, crl.pem,
+generations/N/), so that several ``ca serve`` replicas on several machines act as one CA. A write
+transaction that changed any of those files stores them in table ``files`` before it commits;
+``sync_shared_files`` (on every open, and every second in ``ca serve``) brings DIR up to date from
+it. DIR is then a per-machine copy: an empty directory is enough for a new replica.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
-import sqlite3
-from contextlib import closing, contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -43,6 +51,10 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.authority import Issuer, PrivateKey, Revocation, format_serial, format_time
 from ca.errors import InputError, Refused
+from ca.index import POSTGRESQL, SCHEMA_VERSION, Conflict, Index, Transaction, engine_of
+from ca.index_postgres import PostgresIndex
+from ca.index_sqlite import SqliteIndex
+from ca.keycrypt import KDF_ROUNDS, encrypted_pkcs8_pem, kdf_rounds
 from mtls.files import KEY_MODE, PUBLIC_MODE, fsync_directory, write_atomically
 
 DB_NAME = "ca.db"
@@ -54,42 +66,11 @@ BUNDLE = "bundle.pem"
 CRL = "crl.pem"
 GENERATIONS = "generations"
 CA_FILES = (ROOT_CERT, ROOT_KEY, INTERMEDIATE_CERT, INTERMEDIATE_KEY)
-BUSY_TIMEOUT_S = 60.0
+SHARED_FILES = (*CA_FILES, BUNDLE, CRL)  # plus generations/N/ of CA_FILES; in the database with PostgreSQL
 
 VALID = "valid"
 EXPIRED = "expired"
 REVOKED = "revoked"
-
-_SCHEMA = """
-CREATE TABLE meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE certs (
-    serial     TEXT PRIMARY KEY,  -- lower-case hex, see ca.authority.format_serial
-    spiffe_id  TEXT NOT NULL,
-    not_before TEXT NOT NULL,     -- ISO 8601 UTC, 'YYYY-MM-DDTHH:MM:SSZ' (sorts as time)
-    not_after  TEXT NOT NULL,
-    issued_at  TEXT NOT NULL,
-    revoked_at TEXT,
-    reason     TEXT,
-    cert_pem   TEXT NOT NULL
-);
-CREATE INDEX certs_by_spiffe_id ON certs (spiffe_id);
-"""
-# Created by init, and on first use in an index made before tokens existed.
-_TOKENS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (
-    token_hash  TEXT PRIMARY KEY,  -- SHA-256 of the token, hex: the token itself is never stored
-    spiffe_id   TEXT NOT NULL,
-    cert_ttl_s  INTEGER NOT NULL,  -- lifetime of the certificate the token buys
-    created_at  TEXT NOT NULL,
-    expires_at  TEXT NOT NULL,
-    used_at     TEXT,              -- set, in the same transaction that records the certificate
-    used_serial TEXT
-);
-"""
-
 
 def _parse_time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
@@ -129,6 +110,7 @@ class Record:
     issued_at: datetime
     revoked_at: datetime | None
     reason: str | None
+    parent_serial: int | None = None  # the certificate this one renewed (None: issued or enrolled anew)
 
     def status(self, now: datetime) -> str:
         if self.revoked_at is not None:
@@ -136,7 +118,7 @@ class Record:
         return EXPIRED if now > self.not_after else VALID
 
 
-def _record(row: sqlite3.Row) -> Record:
+def _record(row: Any) -> Record:
     return Record(
         serial=int(row["serial"], 16),
         spiffe_id=row["spiffe_id"],
@@ -145,14 +127,29 @@ def _record(row: sqlite3.Row) -> Record:
         issued_at=_parse_time(row["issued_at"]),
         revoked_at=_parse_time(row["revoked_at"]) if row["revoked_at"] else None,
         reason=row["reason"],
+        parent_serial=int(row["parent_serial"], 16) if row["parent_serial"] else None,
     )
 
 
-class StateDir:
-    """A CA's state directory. ``StateDir.open`` for an existing CA; ``create`` during ``ca init``."""
+def open_index(url: str | None, directory: Path) -> Index:
+    """The index at ``url`` (``ca --db``), by default the SQLite file DIR/ca.db."""
+    if url is None:
+        return SqliteIndex(Path(directory) / DB_NAME)
+    if engine_of(url) == POSTGRESQL:
+        return PostgresIndex(url)
+    return SqliteIndex(Path(url.removeprefix("sqlite://")))
 
-    def __init__(self, path: Path):
+
+class StateDir:
+    """A CA's state directory and its index. ``StateDir.open`` for an existing CA; ``create`` during ``ca init``.
+
+    ``db`` is the index URL (``ca --db``); None means DIR/ca.db.
+    """
+
+    def __init__(self, path: Path, db: str | None = None):
         self.path = Path(path)
+        self.index = open_index(db, self.path)
+        self.shared = self.index.engine == POSTGRESQL  # the CA files live in the database too
 
     def file(self, name: str | Path) -> Path:
         return self.path / name
@@ -160,13 +157,16 @@ class StateDir:
     # --- creation ------------------------------------------------------------------------------
 
     def ensure_free(self) -> None:
-        """Refuse if this directory already holds a CA, or any CA key (never overwrite a key)."""
-        if self.file(DB_NAME).exists():
-            raise Refused(f"a CA already exists in {self.path} ({DB_NAME}); refusing to overwrite it")
+        """Refuse if this directory or the index already holds a CA, or any CA key (never overwrite a key)."""
+        if self.shared and self.index.exists():
+            raise Refused(f"a CA already exists in the database {self.index}; refusing to overwrite it")
+        if not self.shared and self.index.exists():
+            where = f"{self.path} ({DB_NAME})" if self.index.path == self.file(DB_NAME) else str(self.index)
+            raise Refused(f"a CA already exists in {where}; refusing to overwrite it")
         for name in (ROOT_KEY, INTERMEDIATE_KEY):
             if self.file(name).exists():
                 raise Refused(
-                    f"{self.file(name)} exists but {DB_NAME} does not (an interrupted 'ca init'?); "
+                    f"{self.file(name)} exists but the index {self.index} does not (an interrupted 'ca init'?); "
                     "refusing to overwrite a CA key: move it away first"
                 )
 
@@ -179,9 +179,10 @@ class StateDir:
         root_key_pem: bytes,
         intermediate: x509.Certificate,
         intermediate_key_pem: bytes,
-        crl: x509.CertificateRevocationList,
+        crls: list[x509.CertificateRevocationList],
     ) -> None:
-        """Write a new CA. On any failure the files written so far are removed again."""
+        """Write a new CA (``crls``: the intermediate's, then the root's). On any failure the files written
+        so far are removed again."""
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -194,7 +195,7 @@ class StateDir:
             (ROOT_CERT, root.public_bytes(pem), PUBLIC_MODE, True),
             (INTERMEDIATE_CERT, intermediate.public_bytes(pem), PUBLIC_MODE, True),
             (BUNDLE, root.public_bytes(pem), PUBLIC_MODE, True),
-            (CRL, crl.public_bytes(pem), PUBLIC_MODE, True),
+            (CRL, b"".join(crl.public_bytes(pem) for crl in crls), PUBLIC_MODE, True),
         ]
         written: list[Path] = []
         try:
@@ -213,61 +214,175 @@ class StateDir:
             raise
 
     def _create_database(self, *, trust_domain: str, key_type: str) -> None:
-        """Build the index under a temporary name, then link it into place: it appears complete or not at all."""
-        temporary = self.file(f".{DB_NAME}.{secrets.token_hex(6)}.tmp")
+        """Create the index with its first rows. SQLite: built under a temporary name, then linked into
+        place, so it appears complete or not at all; PostgreSQL: one transaction, which also stores the
+        shared files."""
+
+        def setup(db: Transaction) -> None:
+            self.index.upgrade(db)
+            db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [("trust_domain", trust_domain), ("key_type", key_type), ("crl_number", "1")],
+            )
+
+        if self.shared:
+            with self.index.transaction() as db:
+                if self.index.exists_in(db):
+                    raise Refused(f"a CA already exists in the database {self.index}; refusing to overwrite it")
+                setup(db)
+                self._publish_shared_files(db)
+            return
+        target = self.index.path
+        temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
         os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_MODE))
         try:
-            with closing(sqlite3.connect(temporary, isolation_level=None)) as db:
-                db.execute("PRAGMA journal_mode=WAL")  # persistent: recorded in the file header
-                db.executescript(_SCHEMA + _TOKENS_SCHEMA)
-                db.executemany(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)",
-                    [("trust_domain", trust_domain), ("key_type", key_type), ("crl_number", "1")],
-                )
-            os.link(temporary, self.file(DB_NAME))
+            self.index.create_at(temporary, setup)
+            os.link(temporary, target)
         except FileExistsError:
-            raise Refused(f"a CA already exists in {self.path} ({DB_NAME}); refusing to overwrite it") from None
+            raise Refused(f"a CA already exists in {target}; refusing to overwrite it") from None
         finally:
             temporary.unlink(missing_ok=True)
-        fsync_directory(self.path)
+        fsync_directory(target.parent)
 
     # --- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path) -> "StateDir":
-        state = cls(path)
-        if not state.file(DB_NAME).is_file():
+    def open(cls, path: Path, db: str | None = None) -> "StateDir":
+        """An existing CA: its index brought to this program's schema version (refusing a newer one), and
+        with PostgreSQL its shared files copied into DIR."""
+        state = cls(path, db)
+        if not state.index.exists():
+            if state.shared:
+                raise InputError(f"no CA in the database {state.index}: run 'ca --db URL init --trust-domain TD' first")
+            if state.index.path != state.file(DB_NAME):
+                raise InputError(f"no CA index at {state.index}: run 'ca --db URL init --trust-domain TD' first")
             raise InputError(f"no CA in {state.path}: run 'ca init --trust-domain TD' first")
+        with state.index.reading() as reading:
+            current = state.index.schema_version(reading)
+        if current != SCHEMA_VERSION:
+            with state.index.transaction() as writing:
+                state.index.upgrade(writing)  # refuses an index newer than this program
+        state.sync_shared_files()
         state.meta  # read now: a damaged index is reported before anything else happens
         return state
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        try:
-            db = sqlite3.connect(self.file(DB_NAME), timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise InputError(f"cannot open {self.file(DB_NAME)}: {exc}") from None
-        db.row_factory = sqlite3.Row
-        try:
+    def _connect(self) -> Iterator[Transaction]:
+        with self.index.reading() as db:
             yield db
-        except sqlite3.IntegrityError:
-            raise  # a constraint the caller handles, not a damaged file
-        except sqlite3.DatabaseError as exc:
-            raise InputError(f"{self.file(DB_NAME)}: {exc}") from None
-        finally:
-            db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken up front (BEGIN IMMEDIATE) so concurrent writers queue."""
+    def transaction(self) -> Iterator[Transaction]:
+        """One write transaction that has the index to itself, so concurrent writers queue. With
+        PostgreSQL, shared files it changed are stored in the database before it commits."""
+        with self._dir_lock() if self.shared else nullcontext(), self.index.transaction() as db:
+            before = self._shared_stamps() if self.shared else None
+            yield db
+            if self.shared and self._shared_stamps() != before:
+                self._publish_shared_files(db)
+
+    @contextmanager
+    def _dir_lock(self) -> Iterator[None]:
+        """(PostgreSQL.) Exclusive use of DIR's files among the processes of this machine: a sync from the
+        database must not overwrite a file that a transaction here has written but not yet stored."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.file(".sync.lock"), os.O_RDWR | os.O_CREAT, KEY_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def copy_index_to(self, url: str) -> dict[str, int]:
+        """``ca migrate --to URL``: copy this SQLite index, and the CA's shared files, into an empty PostgreSQL
+        database, in one transaction there. Returns how many rows each table got."""
+        if self.shared:
+            raise InputError(f"this CA's index is already in PostgreSQL ({self.index}); ca migrate copies an SQLite one")
+        target = StateDir(self.path, url)
+        if not target.shared:
+            raise InputError(f"--to {url!r}: give the postgresql://USER@HOST/DB to copy the index into")
+        with self._connect() as source:
+            tables = {
+                table: source.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()
+                for table in ("meta", "certs", "tokens")
+            }
+        try:
+            with target.index.transaction() as db:
+                if target.index.exists_in(db):
+                    raise Refused(f"a CA already exists in the database {target.index}; refusing to overwrite it")
+                target.index.upgrade(db)
+                db.execute("DELETE FROM meta")  # the target's schema_version row; the copy brings its own
+                for table, rows in tables.items():
+                    if rows:
+                        columns = list(rows[0].keys())
+                        db.executemany(
+                            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                            [tuple(row) for row in rows],
+                        )
+                target._publish_shared_files(db)
+        finally:
+            target.index.close()
+        return {table: len(rows) for table, rows in tables.items()}
+
+    def check_index(self) -> None:
+        """Raise (DatabaseUnavailable, InputError) unless the index answers a query now."""
         with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("SELECT value FROM meta WHERE key = 'trust_domain'").fetchone()
+
+    # --- the shared files (PostgreSQL) ---------------------------------------------------------
+
+    def _shared_names(self) -> list[str]:
+        names = list(SHARED_FILES)
+        archive = self.file(GENERATIONS)
+        if archive.is_dir():
+            for entry in sorted(archive.iterdir()):
+                if entry.name.isdigit() and entry.is_dir():
+                    names += [f"{GENERATIONS}/{entry.name}/{name}" for name in CA_FILES]
+        return names
+
+    def _shared_stamps(self) -> dict[str, tuple[int, int, int] | None]:
+        stamps = {}
+        for name in self._shared_names():
             try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+                st = os.stat(self.file(name))
+            except FileNotFoundError:
+                stamps[name] = None
+            else:
+                stamps[name] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        return stamps
+
+    def _publish_shared_files(self, db: Transaction) -> None:
+        for name in self._shared_names():
+            if self.file(name).is_file():
+                db.execute(
+                    "INSERT INTO files (name, data) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET data = excluded.data",
+                    (name, self.file(name).read_bytes()),
+                )
+
+    def sync_shared_files(self) -> bool:
+        """(PostgreSQL.) Write into DIR every shared file whose copy in the database differs; True if any did.
+        With SQLite, DIR is the only copy: nothing to do."""
+        if not self.shared:
+            return False
+        with self._dir_lock():
+            return self._sync_locked()
+
+    def _sync_locked(self) -> bool:
+        with self._connect() as db:
+            rows = db.execute("SELECT name, data FROM files").fetchall()
+        changed = False
+        for row in rows:
+            target = self.file(row["name"])
+            data = bytes(row["data"])
+            try:
+                if target.read_bytes() == data:
+                    continue
+            except FileNotFoundError:
+                pass
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomically(target, data, mode=KEY_MODE if target.suffix == ".key" else PUBLIC_MODE)
+            changed = True
+        return changed
 
     @cached_property
     def meta(self) -> dict[str, str]:
@@ -298,17 +413,28 @@ class StateDir:
             raise InputError(f"{self.file(name)} is not a PEM certificate (damaged?)") from None
 
     def load_private_key(self, name: str | Path, passphrase: bytes | None) -> PrivateKey:
-        """Load a CA key; a passphrase is used only if the key is encrypted."""
+        """Load a CA key; a passphrase is used only if the key is encrypted.
+
+        An encrypted key weaker than ``ca.keycrypt`` writes (PBKDF2 under ``KDF_ROUNDS`` rounds, or
+        another scheme) is re-encrypted in place, atomically, now that the passphrase is known; if
+        the file cannot be rewritten the key is still used and the upgrade is tried next time.
+        """
         path, data = self.file(name), self._read(name)
         encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data
         if encrypted and not passphrase:
             raise InputError(f"{path} is encrypted: give --passphrase-file FILE or set $CA_PASSPHRASE")
         try:
-            return serialization.load_pem_private_key(data, password=passphrase if encrypted else None)
+            key = serialization.load_pem_private_key(data, password=passphrase if encrypted else None)
         except (ValueError, TypeError, UnsupportedAlgorithm):
             if encrypted:
                 raise InputError(f"cannot decrypt {path}: wrong passphrase (or the file is damaged)") from None
             raise InputError(f"{path} is not a valid PEM private key (damaged?)") from None
+        if encrypted and (kdf_rounds(data) or 0) < KDF_ROUNDS:
+            try:
+                write_atomically(path, encrypted_pkcs8_pem(key, passphrase), mode=KEY_MODE)
+            except OSError:
+                pass  # a read-only state directory: the key works as it is, the upgrade waits for a writable one
+        return key
 
     def load_issuer(self, passphrase: bytes | None, generation: CaGeneration | None = None) -> Issuer:
         """The intermediate (the current one, or that of ``generation``) and its key, checked to belong together."""
@@ -329,28 +455,29 @@ class StateDir:
     # --- the index -----------------------------------------------------------------------------
 
     @staticmethod
-    def insert(db: sqlite3.Connection, cert: x509.Certificate, spiffe_id: str, *, now: datetime) -> bool:
-        """Record an issued certificate inside the caller's transaction. False if its serial is already
-        taken (the caller signs again with another); the transaction stays usable."""
+    def insert(
+        db: Transaction, cert: x509.Certificate, spiffe_id: str, *, now: datetime, parent_serial: int | None = None
+    ) -> bool:
+        """Record an issued certificate (``parent_serial``: the one it renewed) inside the caller's
+        transaction. False if its serial is already taken (the caller signs again with another); the
+        transaction stays usable."""
         try:
-            db.execute("SAVEPOINT insert_cert")
-            db.execute(
-                "INSERT INTO certs (serial, spiffe_id, not_before, not_after, issued_at, cert_pem)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    format_serial(cert.serial_number),
-                    spiffe_id,
-                    format_time(cert.not_valid_before_utc),
-                    format_time(cert.not_valid_after_utc),
-                    format_time(now),
-                    cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
-                ),
-            )
-        except sqlite3.IntegrityError:
-            db.execute("ROLLBACK TO insert_cert")
-            db.execute("RELEASE insert_cert")
+            with db.savepoint("insert_cert"):
+                db.execute(
+                    "INSERT INTO certs (serial, spiffe_id, not_before, not_after, issued_at, cert_pem, parent_serial)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        format_serial(cert.serial_number),
+                        spiffe_id,
+                        format_time(cert.not_valid_before_utc),
+                        format_time(cert.not_valid_after_utc),
+                        format_time(now),
+                        cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+                        format_serial(parent_serial) if parent_serial is not None else None,
+                    ),
+                )
+        except Conflict:
             return False
-        db.execute("RELEASE insert_cert")
         return True
 
     def record(self, serial: int) -> Record | None:
@@ -379,7 +506,7 @@ class StateDir:
         return [_record(row) for row in rows]
 
     @staticmethod
-    def find(db: sqlite3.Connection, *, serial: int | None = None, spiffe_id: str | None = None) -> list[Record]:
+    def find(db: Transaction, *, serial: int | None = None, spiffe_id: str | None = None) -> list[Record]:
         """The records of one serial, or of one SPIFFE ID (oldest first)."""
         if serial is not None:
             rows = db.execute("SELECT * FROM certs WHERE serial = ?", (format_serial(serial),))
@@ -390,7 +517,18 @@ class StateDir:
         return [_record(row) for row in rows]
 
     @staticmethod
-    def mark_revoked(db: sqlite3.Connection, serials: list[int], *, at: datetime, reason: str) -> None:
+    def renewals_of(db: Transaction, serials: list[int]) -> list[Record]:
+        """The certificates renewed from any of ``serials`` (one generation of descendants)."""
+        if not serials:
+            return []
+        marks = ", ".join("?" * len(serials))
+        rows = db.execute(
+            f"SELECT * FROM certs WHERE parent_serial IN ({marks})", tuple(format_serial(serial) for serial in serials)
+        )
+        return [_record(row) for row in rows]
+
+    @staticmethod
+    def mark_revoked(db: Transaction, serials: list[int], *, at: datetime, reason: str) -> None:
         db.executemany(
             "UPDATE certs SET revoked_at = ?, reason = ? WHERE serial = ? AND revoked_at IS NULL",
             [(format_time(at), reason, format_serial(serial)) for serial in serials],
@@ -398,7 +536,7 @@ class StateDir:
 
     @staticmethod
     def revocations(
-        db: sqlite3.Connection, *, now: datetime, issuer: x509.Name | None = None
+        db: Transaction, *, now: datetime, issuer: x509.Name | None = None
     ) -> list[Revocation]:
         """Revoked certificates that have not expired yet: the ones a CRL must list.
 
@@ -417,9 +555,9 @@ class StateDir:
         ]
 
     @staticmethod
-    def next_crl_number(db: sqlite3.Connection) -> int:
+    def next_crl_number(db: Transaction) -> int:
         """Take the next CRL number (meta 'crl_number' holds the last one used; init's CRL is 1)."""
-        (last,) = db.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()
+        last = db.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()["value"]
         number = int(last) + 1
         db.execute("UPDATE meta SET value = ? WHERE key = 'crl_number'", (str(number),))
         return number
@@ -427,16 +565,19 @@ class StateDir:
     # --- generations (ca rotate) -----------------------------------------------------------------
 
     @staticmethod
-    def generation_number(db: sqlite3.Connection) -> int:
+    def generation_number(db: Transaction) -> int:
         """The current generation (1 until the first ``ca rotate``)."""
         row = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-        return int(row[0]) if row else 1
+        return int(row["value"]) if row else 1
 
     @staticmethod
-    def set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
-        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+    def set_meta(db: Transaction, key: str, value: str) -> None:
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
-    def generations(self, db: sqlite3.Connection | None = None) -> list[CaGeneration]:
+    def generations(self, db: Transaction | None = None) -> list[CaGeneration]:
         """Every generation whose files are here: the current one first, then older ones, newest first.
 
         Inside a transaction that changes the generation (``ca rotate``), pass its ``db``.
@@ -477,7 +618,7 @@ class StateDir:
         except ValueError:
             raise InputError(f"{self.file(BUNDLE)} holds no readable certificate (damaged?)") from None
 
-    def live_generations(self, db: sqlite3.Connection | None = None) -> list[CaGeneration]:
+    def live_generations(self, db: Transaction | None = None) -> list[CaGeneration]:
         """The current generation and every older one whose root is still in bundle.pem."""
         roots = self.bundle_roots()
         return [gen for gen in self.generations(db) if gen.current or gen.root in roots]
@@ -486,18 +627,16 @@ class StateDir:
 
     @staticmethod
     def add_token(
-        db: sqlite3.Connection, token_hash: str, spiffe_id: str, *, cert_ttl_s: int, now: datetime,
+        db: Transaction, token_hash: str, spiffe_id: str, *, cert_ttl_s: int, now: datetime,
         expires_at: datetime,
     ) -> None:
-        db.execute(_TOKENS_SCHEMA)
         db.execute(
             "INSERT INTO tokens (token_hash, spiffe_id, cert_ttl_s, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
             (token_hash, spiffe_id, cert_ttl_s, format_time(now), format_time(expires_at)),
         )
 
     @staticmethod
-    def find_token(db: sqlite3.Connection, token_hash: str) -> Token | None:
-        db.execute(_TOKENS_SCHEMA)
+    def find_token(db: Transaction, token_hash: str) -> Token | None:
         row = db.execute("SELECT * FROM tokens WHERE token_hash = ?", (token_hash,)).fetchone()
         if row is None:
             return None
@@ -511,7 +650,7 @@ class StateDir:
         )
 
     @staticmethod
-    def mark_token_used(db: sqlite3.Connection, token_hash: str, *, at: datetime, serial: int) -> None:
+    def mark_token_used(db: Transaction, token_hash: str, *, at: datetime, serial: int) -> None:
         """Consume a token; raise Refused if another transaction consumed it first (cannot happen
         under BEGIN IMMEDIATE, but the UPDATE says so itself rather than trusting the caller)."""
         cursor = db.execute(

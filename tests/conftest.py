@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 from support.ca_cli import issue, run_ca
 from support.certs import TD, Authority
+from support.postgres import PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +41,20 @@ def pki(tmp_path_factory) -> dict:
 def ids(pki) -> dict:
     """The identity directories of ``pki``, by name."""
     return pki["ids"]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (started on first use); ``new_database()`` per test."""
+    server = PostgresServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ca_db(request) -> str | None:
+    """The index URL of a test's CA, once per engine: None (the default, DIR/ca.db) or a fresh PostgreSQL
+    database (``ca --db``)."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres").new_database()

@@ -20,7 +20,7 @@ from mtls import files
 from mtls.files import KEY_MODE, write_atomically
 
 
-def _init(path, passphrase=None):
+def _init(path, passphrase=None, db=None):
     return generations.init_ca(
         path,
         trust_domain="example.org",
@@ -29,6 +29,7 @@ def _init(path, passphrase=None):
         ttl=timedelta(days=365),
         passphrase=passphrase,
         now=NOW,
+        db=db,
     )
 
 
@@ -97,11 +98,11 @@ def test_init_creates_private_state_dir_with_0600_keys(tmp_path, wide_umask):
     assert state.file("bundle.pem").read_bytes() == state.file("root.pem").read_bytes()
 
 
-def test_init_refuses_to_overwrite_an_existing_ca(tmp_path):
-    state = _init(tmp_path)
+def test_init_refuses_to_overwrite_an_existing_ca(tmp_path, ca_db):
+    state = _init(tmp_path, db=ca_db)
     before = {name: state.file(name).read_bytes() for name in ("root.key", "intermediate.key", "bundle.pem")}
     with pytest.raises(Refused, match="a CA already exists"):
-        _init(tmp_path)
+        _init(tmp_path, db=ca_db)
     assert before == {name: state.file(name).read_bytes() for name in before}
 
 
@@ -112,13 +113,13 @@ def test_init_refuses_to_overwrite_a_leftover_ca_key(tmp_path):
     assert files_under(tmp_path) == ["root.key"]
 
 
-def test_failed_init_removes_what_it_wrote(tmp_path, monkeypatch):
+def test_failed_init_removes_what_it_wrote(tmp_path, monkeypatch, ca_db):
     def failing_database(self, **_):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(StateDir, "_create_database", failing_database)
     with pytest.raises(OSError):
-        _init(tmp_path / "ca-data")
+        _init(tmp_path / "ca-data", db=ca_db)
     assert files_under(tmp_path / "ca-data") == []
 
 
@@ -140,9 +141,9 @@ def test_index_is_in_wal_mode(tmp_path):
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_issue_records_certificate_in_index(tmp_path):
-    _init(tmp_path / "ca")
-    state = StateDir.open(tmp_path / "ca")
+def test_issue_records_certificate_in_index(tmp_path, ca_db):
+    _init(tmp_path / "ca", db=ca_db)
+    state = StateDir.open(tmp_path / "ca", ca_db)
     issued = issuance.issue(state, WEB, ttl=timedelta(hours=1), now=NOW, out_dir=tmp_path / "web")
     (record,) = state.records()
     assert record.serial == issued.cert.serial_number
@@ -152,9 +153,9 @@ def test_issue_records_certificate_in_index(tmp_path):
     assert record.status(NOW + timedelta(hours=2)) == "expired"
 
 
-def test_duplicate_serial_is_detected_not_overwritten(tmp_path):
-    _init(tmp_path / "ca")
-    state = StateDir.open(tmp_path / "ca")
+def test_duplicate_serial_is_detected_not_overwritten(tmp_path, ca_db):
+    _init(tmp_path / "ca", db=ca_db)
+    state = StateDir.open(tmp_path / "ca", ca_db)
     issuer = state.load_issuer(None)
     key = generate_key()
     first = issuer.issue(WEB, key.public_key(), ttl=timedelta(hours=1), now=NOW, serial=12345)
@@ -166,9 +167,9 @@ def test_duplicate_serial_is_detected_not_overwritten(tmp_path):
     assert record.not_after == NOW + timedelta(hours=1)
 
 
-def test_revoke_marks_record_and_rewrites_crl(tmp_path):
-    _init(tmp_path / "ca")
-    state = StateDir.open(tmp_path / "ca")
+def test_revoke_marks_record_and_rewrites_crl(tmp_path, ca_db):
+    _init(tmp_path / "ca", db=ca_db)
+    state = StateDir.open(tmp_path / "ca", ca_db)
     issued = issuance.issue(state, WEB, ttl=timedelta(hours=1), now=NOW, out_dir=tmp_path / "web")
     result = revocation.revoke(state, format(issued.cert.serial_number, "x"), reason="keyCompromise", now=NOW)
     assert [r.serial for r in result.newly_revoked] == [issued.cert.serial_number]
@@ -178,13 +179,15 @@ def test_revoke_marks_record_and_rewrites_crl(tmp_path):
     assert crl.get_revoked_certificate_by_serial_number(issued.cert.serial_number) is not None
 
 
-def test_crl_numbers_increase_with_every_crl(tmp_path):
-    _init(tmp_path)
-    state = StateDir.open(tmp_path)
+def test_crl_numbers_increase_with_every_crl(tmp_path, ca_db):
+    _init(tmp_path, db=ca_db)
+    state = StateDir.open(tmp_path, ca_db)
     crls = [revocation.refresh_crl(state, now=NOW) for _ in range(3)]
     numbers = [crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number for crl in crls]
     assert numbers == [2, 3, 4]  # init signed number 1
-    assert inspection.read_crls(state.file("crl.pem")) == crls[-1:]
+    intermediate_crl, root_crl = inspection.read_crls(state.file("crl.pem"))  # and the root's over the intermediate
+    assert intermediate_crl == crls[-1]
+    assert root_crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 4
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 def ca_env(**extra: str) -> dict[str, str]:
     """The test process's environment without any CA_* variable the developer may have set, plus ``extra``."""
-    env = {key: value for key, value in os.environ.items() if key not in ("CA_DIR", "CA_PASSPHRASE")}
+    env = {key: value for key, value in os.environ.items() if key not in ("CA_DIR", "CA_PASSPHRASE", "CA_DB")}
     env.update(extra)
     return env
 
