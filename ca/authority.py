@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca.errors import InputError, Refused
+from ca.keycrypt import encrypted_pkcs8_pem
 from mtls.durations import format_duration, roughly
 from mtls.spiffe import InvalidSpiffeId, NotSvid, SpiffeId, parse_spiffe_id, svid_id
 
@@ -128,10 +129,11 @@ def validate_dns_name(name: str) -> str:
 
 
 def private_key_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
-    encryption = (
-        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
-    )
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    """PKCS#8 PEM; with ``passphrase``, encrypted as ``ca.keycrypt`` says (PBKDF2, 600,000 rounds)."""
+    if passphrase:
+        return encrypted_pkcs8_pem(key, passphrase)
+    plain = serialization.NoEncryption()
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, plain)
 
 
 def certificate_pem(*certs: x509.Certificate) -> bytes:
@@ -331,14 +333,14 @@ class Issuer:
         return leaf
 
     def crl(
-        self, revocations: Iterable[Revocation], *, number: int, now: datetime
+        self, revocations: Iterable[Revocation], *, number: int, now: datetime, validity: timedelta = CRL_LIFETIME
     ) -> x509.CertificateRevocationList:
-        """A CRL listing ``revocations``, valid until ``now + CRL_LIFETIME``."""
+        """A CRL listing ``revocations``, valid until ``now + validity``."""
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.cert.subject)
-            .last_update(now - CLOCK_SKEW)
-            .next_update(now + CRL_LIFETIME)
+            .last_update(now - min(CLOCK_SKEW, validity))
+            .next_update(now + validity)
             .add_extension(x509.CRLNumber(number), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(self.cert)),

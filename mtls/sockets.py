@@ -75,6 +75,7 @@ async def connect(endpoint: Endpoint, timeout: float) -> socket.socket:
 
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_BACKOFF = 0.05  # seconds between accept attempts while out of descriptors
+ACCEPT_BATCH = 16  # connections taken from the backlog in a row before other tasks run
 
 
 async def accept_loop(
@@ -85,8 +86,10 @@ async def accept_loop(
     ``on_connection(sock, addr)`` is called synchronously with a non-blocking socket and owns it
     from then on: it must start a task that closes it, or close it itself. With ``slots``, one is
     acquired before each accept and handed over with the connection (its task releases it): while
-    none is free, new connections wait in the kernel's accept backlog. The one error policy of
-    every listener (sidecar ports, admin, ``ca serve``):
+    none is free, new connections wait in the kernel's accept backlog. The backlog is drained up to
+    ``ACCEPT_BATCH`` connections at a time, so that under a flood of connection attempts a good
+    client's connection does not wait one scheduling round per connection ahead of it. The one
+    error policy of every listener (sidecar ports, admin, ``ca serve``):
 
     - out of descriptors or buffers: log ``accept_failed`` once per episode, retry every
       ``ACCEPT_BACKOFF`` seconds (the connection waits in the backlog meanwhile);
@@ -95,12 +98,20 @@ async def accept_loop(
 
     ``lsock`` is not closed here; its owner closes it after cancelling this loop.
     """
+    in_a_row = 0
     while True:
+        if in_a_row == ACCEPT_BATCH:
+            await trio.lowlevel.checkpoint()
+            in_a_row = 0
         if slots is not None:
-            await slots.acquire()
-        sock, addr = await _accept(lsock, log, listener)
+            try:
+                slots.acquire_nowait()
+            except trio.WouldBlock:
+                await slots.acquire()
+        sock, addr = await _accept(lsock, log, listener)  # waits (a checkpoint) only on an empty backlog
         sock.setblocking(False)
         on_connection(sock, addr)
+        in_a_row += 1
 
 
 async def _accept(lsock: socket.socket, log, listener: str):

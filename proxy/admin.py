@@ -5,9 +5,16 @@ Theory of operation
 ``serve_admin`` is a small HTTP/1.1 server on ``mtls.httpserve``: a table maps each path to a
 function of the sidecar that returns a ``Reply``. Each connection is served by one task, request
 after request, under the bounds of ``LIMITS`` (see ``mtls.httpserve``: a deadline per exchange,
-431/413/400 for an oversized or malformed request), and at most ``max_connections`` connections
-are served at once; beyond that, new connections wait in the kernel's accept backlog until a
-slot frees up.
+at most ``MAX_REQUESTS_PER_CONNECTION`` requests and ``CONNECTION_LIFETIME`` seconds per
+connection, 431/413/400 for an oversized or malformed request).
+
+Slots: at most ``max_connections`` connections (``per_source`` from one address) are held at once;
+a new connection is accepted at once and, when a budget is full, the oldest connection that has
+already had an answer yields its place (``mtls.httpserve.Admission``; pages answer without waiting,
+so every connection can yield). The budget is large because a plain connection is cheap: a flood
+of keep-alive connections, from the app in the same pod for instance, is held and served in turn,
+one request per connection per round of the event loop, and a probe's fresh connection is answered
+within that round; each flooding connection must reconnect after its request budget or lifetime.
 
 No error of a client or of a page leaves a connection's task: a page that raises answers 500 and
 is logged (``admin_error``). Accepting follows the one policy of ``mtls.sockets.accept_loop``.
@@ -27,14 +34,20 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from mtls.endpoints import parse_endpoint
-from mtls.httpserve import Limits, Reply, Request, serve_requests
+from mtls.httpserve import Admission, Limits, Reply, Request, Ticket, serve_requests
 from mtls.sockets import accept_loop, close_socket
 
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 1024  # a plain admin connection costs a few KiB: enough to hold a flood rather than churn
+MAX_CONNECTIONS_PER_SOURCE = 512  # the kubelet's probes come from another address than the pod's own clients
 EXCHANGE_DEADLINE = 10.0  # seconds for a client to send a request and take its reply
+CONNECTION_LIFETIME = 30.0  # seconds, however many requests
+MAX_REQUESTS_PER_CONNECTION = 100
 MAX_HEAD_BYTES = 8 * 1024
 MAX_BODY_BYTES = 8 * 1024
-LIMITS = Limits(max_head_bytes=MAX_HEAD_BYTES, max_body_bytes=MAX_BODY_BYTES, exchange_deadline=EXCHANGE_DEADLINE)
+LIMITS = Limits(
+    max_head_bytes=MAX_HEAD_BYTES, max_body_bytes=MAX_BODY_BYTES, exchange_deadline=EXCHANGE_DEADLINE,
+    connection_lifetime=CONNECTION_LIFETIME, max_requests=MAX_REQUESTS_PER_CONNECTION,
+)
 HEALTH_TIMEOUT = 2.0  # seconds, for each of connect, send and receive
 MAX_HEALTH_BODY = 64 * 1024
 
@@ -78,7 +91,12 @@ async def _reply_to(sidecar, request: Request) -> Reply:
 
 
 async def serve_admin(
-    sock: socket.socket, sidecar, *, max_connections: int = MAX_CONNECTIONS, task_status=trio.TASK_STATUS_IGNORED
+    sock: socket.socket,
+    sidecar,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    per_source: int = MAX_CONNECTIONS_PER_SOURCE,
+    task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin pages on ``sock`` (a bound, listening, non-blocking stdlib socket) until cancelled.
 
@@ -86,33 +104,41 @@ async def serve_admin(
     each accepted connection is owned and closed by the task that serves it. On cancellation every
     open admin connection is closed, mid-request or not, and then ``sock``.
     """
-    slots = trio.Semaphore(max_connections)
+    admission = Admission(max_connections, per_source)
+    # Descriptors: the admitted connections plus those that yielded and are still closing.
+    sockets = trio.Semaphore(2 * max_connections)
     try:
         async with trio.open_nursery() as nursery:
 
             def on_connection(conn_sock: socket.socket, addr) -> None:
-                nursery.start_soon(_serve_connection, conn_sock, sidecar, slots)
+                source = str(addr[0]) if isinstance(addr, tuple) else "local"
+                nursery.start_soon(_serve_connection, conn_sock, sidecar, admission.admit(source), sockets)
 
             task_status.started()
-            await accept_loop(sock, on_connection, sidecar.log, listener="admin", slots=slots)
+            await accept_loop(sock, on_connection, sidecar.log, listener="admin", slots=sockets)
     finally:
         close_socket(sock)
 
 
-async def _serve_connection(sock: socket.socket, sidecar, slots: trio.Semaphore) -> None:
-    """Serve requests on ``sock`` until either side ends it; close it and release one of ``slots``.
+async def _serve_connection(sock: socket.socket, sidecar, place: Ticket | None, sockets: trio.Semaphore) -> None:
+    """Serve requests on ``sock`` in its ``place`` until either side ends it or it yields; close it.
 
-    Never raises but Cancelled: a client's disconnect is normal, anything else is logged.
+    ``place`` None (every connection busy answering) closes it at once. Never raises but Cancelled:
+    a client's disconnect is normal, anything else is logged.
     """
     try:
         async with trio.SocketStream(trio.socket.from_stdlib_socket(sock)) as stream:
-            await serve_requests(stream, partial(_reply_to, sidecar), LIMITS)
+            if place is not None:
+                with place.cancel_scope:
+                    await serve_requests(stream, partial(_reply_to, sidecar), LIMITS, ticket=place)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client went away
     except Exception as exc:
         sidecar.log.emit("error", "admin_error", detail=f"{type(exc).__name__}: {exc}")
     finally:
-        slots.release()
+        if place is not None:
+            place.release()
+        sockets.release()
 
 
 # --- proxy health -----------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from mtls.console import run_command
+
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -31,6 +33,11 @@ def _cmd_run(args) -> int:
 
     from mtls.events import EventLog
     from mtls.sockets import listen_socket
+    from proxy.capacity import (
+        capacity_warnings,
+        cgroup_memory_limit,
+        raise_open_file_limit,
+    )
     from proxy.metrics import Metrics
     from proxy.renewer import Renewer
     from proxy.sidecar import Sidecar
@@ -49,6 +56,8 @@ def _cmd_run(args) -> int:
         return 2
     config = snapshot.config
     log = EventLog(config.log.level, config.log.format)
+    for warning in capacity_warnings(config, raise_open_file_limit(), cgroup_memory_limit()):
+        log.emit("warning", "capacity", detail=warning)
     metrics = Metrics()
     sidecar = Sidecar(config_path, snapshot, log, metrics)
     try:
@@ -93,7 +102,10 @@ def _cmd_health(args) -> int:
 def _cmd_enroll(args) -> int:
     from proxy.enroll import enroll_main
 
-    return enroll_main(args.url, args.token, Path(args.bundle), Path(args.out), sys.stdout, sys.stderr)
+    return enroll_main(
+        args.url, args.token_file and Path(args.token_file), Path(args.bundle), Path(args.out), sys.stdout, sys.stderr,
+        token_in_argv=args.token is not None,
+    )
 
 
 def _cmd_redirect(args) -> int:
@@ -151,7 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     enroll = sub.add_parser("enroll", help="get a first certificate from 'ca serve' with a one-time token")
     enroll.add_argument("--url", required=True, help="CA service, e.g. https://ca:8443")
-    enroll.add_argument("--token", required=True, help="one-time token from 'ca token'")
+    enroll.add_argument(
+        "--token-file", metavar="FILE",
+        help="file holding the one-time token from 'ca token' (default: $MTLS_ENROLL_TOKEN; never --token)",
+    )
+    enroll.add_argument("--token", help=argparse.SUPPRESS)  # refused with the reason: see proxy.enroll
     enroll.add_argument("--bundle", required=True, help="trust bundle to verify the CA service")
     enroll.add_argument("--out", required=True, help="directory for cert.pem, key.pem, bundle.pem")
     enroll.set_defaults(func=_cmd_enroll)
@@ -178,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return run_command(lambda: args.func(args))
     except KeyboardInterrupt:
         return 130
 

@@ -1,8 +1,14 @@
-"""``proxy enroll``: trade a one-time token from ``ca token`` for a workload's first certificate."""
+"""``proxy enroll``: trade a one-time token from ``ca token`` for a workload's first certificate.
+
+The token is a secret until it is spent, so it never travels in argv: any process on the host can
+read ``/proc/PID/cmdline`` and redeem it first. It comes from ``--token-file FILE`` or from
+``$MTLS_ENROLL_TOKEN`` (a process's environment is readable only by its own user and root).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
@@ -26,18 +32,52 @@ from proxy.caclient import (
     same_key,
 )
 
+TOKEN_ENV = "MTLS_ENROLL_TOKEN"
+ARGV_REFUSED = (
+    "--token is refused: a token on the command line can be read by any process on the host from "
+    "/proc/PID/cmdline and redeemed first; put it in a file readable only by you (--token-file FILE) "
+    f"or in ${TOKEN_ENV}"
+)
 
-def enroll_main(url: str, token: str, bundle: Path, out: Path, out_stream: TextIO, err_stream: TextIO) -> int:
+
+def read_token(token_file: Path | None, environ) -> str:
+    """The one-time token from ``token_file``, else from ``$MTLS_ENROLL_TOKEN``; ValueError saying what to do."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise ValueError(f"cannot read --token-file {token_file}: {reason}") from None
+        if not token:
+            raise ValueError(f"--token-file {token_file} is empty; write the token from 'ca token' into it")
+        return token
+    token = environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise ValueError(f"no token: give --token-file FILE or set ${TOKEN_ENV} to the token from 'ca token'")
+    return token
+
+
+def enroll_main(
+    url: str, token_file: Path | None, bundle: Path, out: Path, out_stream: TextIO, err_stream: TextIO,
+    *, token_in_argv: bool,
+) -> int:
     """``proxy enroll``: trade a one-time token for a first certificate; write OUT/cert.pem, key.pem, bundle.pem.
 
-    Exit 0; 1 if the service refused (one line with its reason); 2 for bad input, or when the
-    service cannot be reached or verified (one line naming the URL).
+    The token comes from ``token_file`` or ``$MTLS_ENROLL_TOKEN``; ``token_in_argv`` (``--token``
+    was given) is refused. Exit 0; 1 if the service refused (one line with its reason); 2 for bad
+    input, or when the service cannot be reached or verified (one line naming the URL).
     """
 
     def fail(code: int, message: str) -> int:
         print(f"proxy enroll: {message}", file=err_stream)
         return code
 
+    if token_in_argv:
+        return fail(2, ARGV_REFUSED)
+    try:
+        token = read_token(token_file, os.environ)
+    except ValueError as exc:
+        return fail(2, str(exc))
     try:
         service = ServiceUrl.parse(url)
     except ValueError as exc:

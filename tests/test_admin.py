@@ -275,19 +275,22 @@ async def test_slow_client_is_disconnected_at_the_exchange_deadline(admin, autoj
     assert trio.current_time() - started == pytest.approx(EXCHANGE_DEADLINE)
 
 
-async def test_connections_beyond_the_limit_wait_for_a_free_slot(nursery, autojump_clock):
-    admin = await start_admin(nursery, max_connections=1)
+async def test_a_new_connection_takes_the_place_of_the_oldest_when_all_are_taken(nursery):
+    admin = await start_admin(nursery, max_connections=2)
     request = b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n"
-    async with await trio.open_tcp_stream(admin.host, admin.port) as first:
-        await first.send_all(request)
-        assert (await first.receive_some()).startswith(b"HTTP/1.1 200 ")
-        second = await trio.open_tcp_stream(admin.host, admin.port)
-        await second.send_all(request)
-        with trio.move_on_after(EXCHANGE_DEADLINE / 2) as waiting:
-            await second.receive_some()
-        assert waiting.cancelled_caught
-    async with second:
-        assert (await second.receive_some()).startswith(b"HTTP/1.1 200 ")
+    oldest = await trio.open_tcp_stream(admin.host, admin.port)
+    younger = await trio.open_tcp_stream(admin.host, admin.port)
+    async with oldest, younger:
+        for stream in (oldest, younger):
+            await stream.send_all(request)
+            assert (await stream.receive_some()).startswith(b"HTTP/1.1 200 ")
+        async with await trio.open_tcp_stream(admin.host, admin.port) as newcomer:
+            await newcomer.send_all(request)
+            with trio.fail_after(EXCHANGE_DEADLINE / 2):
+                assert (await newcomer.receive_some()).startswith(b"HTTP/1.1 200 ")
+                assert await read_until_closed(oldest) == b""  # it yielded its place
+        await younger.send_all(request)
+        assert (await younger.receive_some()).startswith(b"HTTP/1.1 200 ")
 
 
 async def test_cancelling_serve_admin_closes_its_listening_socket():

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from support.certs import HOUR, NOW, WEB, Authority, pem
 
 from proxy.check import check_main, run_check
@@ -181,3 +185,20 @@ def test_summary_lists_crl_renewal_audit_mode_and_sni(tmp_path, authority):
     assert ("inbound api: 0.0.0.0:1 -> unix:/run/app.sock (audit: denials are logged, not enforced) "
             "(PROXY v2 header to the app), allows spiffe://example.org/x") in lines
     assert "outbound db: 127.0.0.1:2 -> db:5432 (SNI db.svc), expects spiffe://example.org/db" in lines
+
+
+@pytest.mark.e2e
+def test_proxy_check_piped_into_a_closed_reader_exits_quietly(tmp_path, authority):
+    """`proxy check -c FILE | head -1` with the reader gone: no traceback, exit code 1."""
+    config = write_setup(tmp_path, authority)
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy", "check", "-c", str(config)],
+            stdout=writer, stderr=subprocess.PIPE, text=True, timeout=60,
+        )
+    finally:
+        os.close(writer)
+    assert result.stderr == ""  # neither a traceback nor "Exception ignored ... BrokenPipeError"
+    assert result.returncode == 1
