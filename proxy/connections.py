@@ -13,7 +13,8 @@ connection from outside by recording why on its ``Tracked`` and cancelling ``Tra
 
 Who closes what: a handler owns its sockets from the call on and closes them in its ``finally``,
 with RST when the relay ended in a reset, when it gives up after connecting, or when the
-connection was revoked.
+connection was revoked. After a record we refused (``protocol_error``) the TLS side closes with FIN
+once our fatal alert had time to reach the peer; the app side is reset.
 """
 
 from __future__ import annotations
@@ -31,18 +32,30 @@ from mtls import reasons
 from mtls.endpoints import Endpoint, format_address, server_name_for
 from mtls.sockets import close_socket, connect
 from mtls.spiffe import SpiffeId
+from mtls.trust import describe
+from proxy.budgets import PER_SOURCE, WAITING, ConnectionSlots, PendingBudget
+from proxy.config import HandshakeLimits, Limits
 from proxy.decisions import RESET, Conn, DecisionLog
-from proxy.handshake import HandshakeFailed, TlsSocket
+from proxy.handshake import HandshakeFailed, TlsSocket, await_first_record
 from proxy.metrics import Metrics
 from proxy.proxy_protocol import v2_header
-from proxy.relay import Link, Reactor, Reset, abort_socket, relay, send_plain
+from proxy.relay import (
+    Link,
+    ProtocolError,
+    Reactor,
+    Reset,
+    abort_socket,
+    relay,
+    send_plain,
+)
 from proxy.snapshot import INBOUND, OUTBOUND, ListenerPolicy, Snapshot
 
 
 class Tracked:
     """An open connection, as the sidecar's reload, idle reaper and drain see it."""
 
-    __slots__ = ("conn", "peer_id", "serial", "path", "scope", "revoked_detail", "idle_detail", "link")
+    __slots__ = ("conn", "peer_id", "serial", "path", "scope", "revoked_detail", "idle_detail", "evicted_detail",
+                 "holds_slot", "link", "expires_at", "expiry_detail", "checked_under")
 
     def __init__(self, conn: Conn):
         self.conn = conn  # replaced once an outbound connection knows its upstream's address
@@ -54,7 +67,29 @@ class Tracked:
         self.scope = trio.CancelScope()
         self.revoked_detail: str | None = None  # set by a reload that no longer allows the peer
         self.idle_detail: str | None = None  # set by the idle reaper
+        self.evicted_detail: str | None = None  # set when a newer unauthenticated connection took its place
+        self.holds_slot = False  # counted in ConnectionSlots (outbound from accept, inbound once authorized)
         self.link: Link | None = None  # set while relaying
+        # When the peer's chain expires (trio time; the scope's deadline), and the sentence saying so.
+        self.expires_at: float | None = None
+        self.expiry_detail: str | None = None
+        # The snapshot whose rules last allowed the peer: the one it was accepted with, then that of
+        # each reload that checked it again. A reload looks again only at what changed since.
+        self.checked_under: Snapshot | None = None
+
+    def peer_expired(self) -> bool:
+        """The scope's deadline, the peer's certificate expiry, has come."""
+        return self.expires_at is not None and trio.current_time() >= self.expires_at
+
+    def cut_at_expiry(self, check) -> None:
+        """Make the first expiry on the peer's verified chain (its leaf alone when the session was resumed)
+        this connection's deadline: trio cancels it then, no per-byte or periodic check."""
+        certs = check.path or (check.leaf,)
+        position, first = min(enumerate(certs), key=lambda item: item[1].not_valid_after_utc)
+        expiry = first.not_valid_after_utc
+        self.expires_at = trio.current_time() + (expiry - datetime.now(timezone.utc)).total_seconds()
+        self.expiry_detail = f"peer {self.peer_id}: {describe(first, position)} expired at {expiry:%Y-%m-%dT%H:%M:%SZ}"
+        self.scope.deadline = self.expires_at
 
 
 class SessionCache:
@@ -105,6 +140,13 @@ def _peer_address(sock: socket.socket) -> str | None:
         return None
 
 
+def _source_of(peer_addr: str | None) -> str:
+    """The source address of ``host:port`` (``[v6]:port``), the key of the per-source budget."""
+    if peer_addr is None:
+        return "?"
+    return peer_addr.rsplit(":", 1)[0].strip("[]")
+
+
 def _close(sock: socket.socket, abort: bool) -> None:
     if abort:
         abort_socket(sock)
@@ -123,10 +165,10 @@ class Upstream:
 
 
 class Handlers:
-    """The inbound and outbound handlers and what they share.
+    """The inbound and outbound handlers and what they share, admission included (proxy/budgets.py).
 
     ``draining()`` tells whether the sidecar is shutting down: a connection cancelled then was cut
-    by the drain deadline.
+    by the drain deadline. ``admit`` and ``release`` bracket every connection the sidecar accepts.
     """
 
     def __init__(self, decisions: DecisionLog, metrics: Metrics, reactor: Reactor, draining: Callable[[], bool]):
@@ -134,6 +176,64 @@ class Handlers:
         self.metrics = metrics
         self.reactor = reactor
         self.draining = draining
+        self.slots = ConnectionSlots()
+        self.pending: dict[str, PendingBudget] = {}  # inbound listener -> its unauthenticated connections
+
+    # --- admission ------------------------------------------------------------------------------
+
+    def admit(self, tracked: Tracked, source: str | None, limits: Limits) -> str | None:
+        """At accept: why the connection is refused (it then takes nothing), or None once admitted.
+
+        Outbound takes an established slot now. Inbound takes none until authorized (``_authorized``):
+        it is refused only if its listener could not take it even then, else it joins the listener's
+        pending budget, where older unauthenticated connections may have to yield to it.
+        """
+        conn = tracked.conn
+        refusal = self.slots.refusal(conn.listener, limits.max_connections, limits.per_listener)
+        if refusal is not None:
+            return refusal
+        if conn.direction != INBOUND:
+            self.slots.take(conn.listener)
+            tracked.holds_slot = True
+            return None
+        budget = self.pending.setdefault(conn.listener, PendingBudget())
+        hs = limits.handshakes
+        self._evict(budget.arrive(tracked, source or "?", per_source=hs.per_source, waiting=hs.waiting), hs)
+        self._count_pending(conn.listener, budget)
+        return None
+
+    def release(self, tracked: Tracked) -> None:
+        """The connection's handler ended: whatever it held is free again."""
+        self._handshake_over(tracked)
+        if tracked.holds_slot:
+            self.slots.give_back(tracked.conn.listener)
+            tracked.holds_slot = False
+
+    def _handshake_over(self, tracked: Tracked) -> None:
+        """An inbound connection no longer counts as pending (it may have already left)."""
+        budget = self.pending.get(tracked.conn.listener)
+        if budget is not None:
+            budget.leave(tracked)
+            self._count_pending(tracked.conn.listener, budget)
+
+    def _evict(self, evicted: list, hs: HandshakeLimits) -> None:
+        for victim, budget_name in evicted:
+            conn = victim.conn
+            bound = getattr(hs, budget_name)
+            if budget_name == PER_SOURCE:
+                why = f"{bound} unauthenticated connections from {_source_of(conn.peer_addr)} at once"
+            elif budget_name == WAITING:
+                why = f"{bound} connections on port {conn.listener} waiting for a ClientHello"
+            else:
+                why = f"{bound} handshakes in progress on port {conn.listener}"
+            victim.evicted_detail = (f"{why} (limits.handshakes.{budget_name}): the oldest, this one, "
+                                     "yielded to a newer connection")
+            victim.scope.cancel()
+            self.metrics.handshake_evictions.labels(conn.listener, budget_name).inc()
+
+    def _count_pending(self, listener: str, budget: PendingBudget) -> None:
+        self.metrics.handshakes_pending.labels(listener, WAITING).set(budget.waiting)
+        self.metrics.handshakes_pending.labels(listener, "handshaking").set(budget.handshaking)
 
     async def inbound(self, tracked: Tracked, sock: socket.socket, addr, snapshot: Snapshot) -> None:
         lst = snapshot.inbound[tracked.conn.listener]
@@ -142,9 +242,16 @@ class Handlers:
         abort = False
         try:
             with tracked.scope:
+                if not await self._first_record(tracked, sock, snapshot, started):
+                    return
+                budget = self.pending[lst.name]
+                hs = snapshot.config.limits.handshakes
+                self._evict(budget.start_handshake(tracked, per_listener=hs.per_listener), hs)
                 check = snapshot.policy(INBOUND, lst.name).peer_check()
                 tls = TlsSocket(snapshot.contexts.server, sock, check, server_side=True)
-                if not await self._handshake(tracked, tls, snapshot, started):
+                authorized = await self._handshake(tracked, tls, snapshot, started)
+                if not authorized or not self._authorized(tracked, snapshot, started):
+                    abort = authorized  # refused after the handshake: reset, no close_notify
                     return
                 try:
                     plain = await connect(lst.forward, snapshot.config.timeouts.connect)
@@ -169,7 +276,11 @@ class Handlers:
                         abort = True
                         return
                 await self._relay(tracked, tls, plain, started, app=str(lst.forward))
-                abort = tracked.revoked_detail is not None
+                abort = tracked.revoked_detail is not None or tracked.peer_expired()
+            if tracked.evicted_detail is not None:
+                abort = True
+                self.decisions.denied(tracked.conn, reasons.CONNECTION_LIMIT, tracked.evicted_detail,
+                                      duration=trio.current_time() - started)
         finally:
             _close(sock, abort)
             if plain is not None:
@@ -214,7 +325,7 @@ class Handlers:
                 check = tls.check
                 self.decisions.allowed(tracked.conn, check.peer_id, check.decision, resumed=check.resumed)
                 await self._relay(tracked, tls, app, started)
-                abort = tracked.revoked_detail is not None
+                abort = tracked.revoked_detail is not None or tracked.peer_expired()
                 if not abort:
                     sessions.remember(target.name, tls)
         finally:
@@ -222,21 +333,55 @@ class Handlers:
             if upstream is not None:
                 _close(upstream, abort)
 
+    def _authorized(self, tracked: Tracked, snapshot: Snapshot, started: float) -> bool:
+        """An inbound peer passed the handshake: take its established slot, or refuse it (logged)."""
+        limits = snapshot.config.limits
+        listener = tracked.conn.listener
+        refusal = self.slots.refusal(listener, limits.max_connections, limits.per_listener)
+        if refusal is not None:
+            self.decisions.denied(tracked.conn, reasons.CONNECTION_LIMIT, refusal, peer_id=tracked.peer_id,
+                                  duration=trio.current_time() - started)
+            return False
+        self.slots.take(listener)
+        tracked.holds_slot = True
+        return True
+
+    async def _first_record(self, tracked: Tracked, sock: socket.socket, snapshot: Snapshot, started: float) -> bool:
+        """Wait, without a TLS object, for the client's first record; False (logged) if the deadline passes."""
+        timeout = snapshot.config.timeouts.handshake
+        with trio.move_on_at(started + timeout):
+            await await_first_record(sock)
+            return True
+        self.decisions.denied(
+            tracked.conn, reasons.HANDSHAKE_TIMEOUT,
+            f"no complete TLS handshake within {timeout:g}s (not even a ClientHello)",
+            duration=trio.current_time() - started,
+        )
+        return False
+
     async def _handshake(self, tracked: Tracked, tls: TlsSocket, snapshot: Snapshot, started: float) -> bool:
-        """Handshake under the deadline; log the refusal and return False if the peer is not authorized."""
+        """Handshake by the deadline that started at accept; log the refusal and return False if the peer
+        is not authorized."""
         try:
-            await tls.handshake(snapshot.config.timeouts.handshake)
+            timeout = snapshot.config.timeouts.handshake
+            await tls.handshake(timeout, started + timeout)
         except HandshakeFailed as exc:
+            self._handshake_over(tracked)  # decided: from now on it can no longer be evicted
             self.decisions.denied(
-                tracked.conn, exc.reason, exc.detail, peer_id=tls.check.peer_id, duration=trio.current_time() - started
+                tracked.conn, exc.reason, exc.detail, peer_id=tls.check.peer_id, duration=trio.current_time() - started,
+                leaf=tls.check.leaf,
             )
             if exc.reason != reasons.HANDSHAKE_TIMEOUT:
                 await tls.linger_after_refusal()
             return False
+        self._handshake_over(tracked)
         self.metrics.handshake_seconds.observe(trio.current_time() - started)
+        if tls.check.stale_crl is not None:  # identity.crl_stale: warn let it through
+            self.metrics.crl_stale_accepted.labels(tracked.conn.listener, tracked.conn.direction).inc()
         tracked.peer_id = tls.check.peer_id
         tracked.serial = tls.check.serial
         tracked.path = tls.check.path
+        tracked.cut_at_expiry(tls.check)
         return True
 
     async def _relay(
@@ -248,6 +393,10 @@ class Handlers:
         reason = detail = None
         try:
             await relay(self.reactor, tls, plain, link)
+        except ProtocolError as exc:
+            reason, detail = reasons.PROTOCOL_ERROR, f"{exc.side} side: {exc.detail}"
+            abort_socket(plain)
+            await tls.linger_after_refusal()  # our fatal alert must reach the peer, not an RST
         except Reset as exc:
             reason, detail = RESET, f"{exc.side} side: {exc.detail}"
             if exc.side == "tls" and exc.alert and not link.bytes_in:
@@ -267,4 +416,6 @@ class Handlers:
                 reason, detail = reasons.POLICY_REVOKED, tracked.revoked_detail
             elif tracked.idle_detail is not None:
                 reason, detail = reasons.IDLE_TIMEOUT, tracked.idle_detail
+            elif tracked.peer_expired():
+                reason, detail = reasons.PEER_EXPIRED, tracked.expiry_detail
             self.decisions.closed(tracked.conn, tracked.peer_id, link, trio.current_time() - started, reason, detail)

@@ -4,6 +4,11 @@ The verify callback (``proxy.tls``) decides inside the handshake and records its
 connection's ``PeerCheck``. This is the one place where a failed handshake becomes a reason code:
 the check's own verdict first, else what OpenSSL or the peer said. A resumed session skipped the
 certificate exchange, so its stored peer certificate is checked again here.
+
+Memory: an OpenSSL connection object costs about 50 KiB, so a server-side one is made only once
+the client's first TLS record has fully arrived (``await_first_record``). Until then an accepted
+connection is a socket and a waiting task; the kernel, told by SO_RCVLOWAT how many bytes to wait
+for, wakes the task only when there is something for OpenSSL to work on.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import socket
 from datetime import datetime, timezone
 
+import trio
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
 
@@ -43,18 +49,25 @@ class TlsSocket(TlsStream):
         super().__init__(ctx, sock, server_side=server_side, server_name=server_name, app_data=check)
         self.check = check
 
-    async def handshake(self, timeout: float) -> None:
+    async def handshake(self, timeout: float, deadline: float | None = None) -> None:
         """Run the handshake; raise HandshakeFailed with a reason code on any failure.
 
-        On failure OpenSSL has already written its alert to the socket. Cancellation from outside
-        propagates unchanged; the timeout is ours and becomes ``handshake_timeout``.
+        It must end by ``deadline`` (trio time; default ``timeout`` seconds from now), the end of
+        the ``timeout`` that started earlier, at accept. On failure OpenSSL has already written its
+        alert to the socket. Cancellation from outside propagates unchanged; the deadline is ours
+        and becomes ``handshake_timeout``.
         """
+        if deadline is None:
+            deadline = trio.current_time() + timeout
+        finished = False
         try:
-            await super().handshake(timeout)
-        except TimeoutError as exc:  # before OSError, of which it is one
-            raise HandshakeFailed(reasons.HANDSHAKE_TIMEOUT, str(exc)) from None
+            with trio.move_on_at(deadline):
+                await self._retry(self.conn.do_handshake)
+                finished = True
         except (SSL.Error, OSError) as exc:
             raise self._translate(exc) from None
+        if not finished:
+            raise HandshakeFailed(reasons.HANDSHAKE_TIMEOUT, f"no complete TLS handshake within {timeout:g}s")
         if self.check.peer_id is None and _lib.SSL_session_reused(self.conn._ssl):
             cert = self.conn.get_peer_certificate(as_cryptography=True)
             if cert is None or not self.check.check_resumed(cert, datetime.now(timezone.utc)):
@@ -76,3 +89,34 @@ class TlsSocket(TlsStream):
         if "unsupported protocol" in text or "no protocols available" in text:
             return HandshakeFailed(reasons.HANDSHAKE_FAILED, f"peer does not offer TLS 1.3 ({text})")
         return HandshakeFailed(reasons.HANDSHAKE_FAILED, text)
+
+
+_TLS_RECORD_HEADER = 5
+_MAX_FIRST_RECORD = 16384 + 256  # a TLSPlaintext record's largest length; a larger one is left to OpenSSL to refuse
+
+
+async def await_first_record(sock: socket.socket) -> None:
+    """Return once the client's first TLS record has arrived whole, or the socket is at EOF or broken.
+
+    Two waits for readability, each with SO_RCVLOWAT set so the kernel wakes us only when the bytes
+    are all there: first the record header, then the whole record (for a ClientHello, usually one
+    record of under 2 KiB). Nothing is consumed: OpenSSL reads the bytes afterwards. A client that
+    trickles or stalls costs a socket and this task, not an OpenSSL object. What is not a TLS
+    handshake record is left for OpenSSL to refuse in its own words. No deadline here: the caller's.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _TLS_RECORD_HEADER)
+        await trio.lowlevel.wait_readable(sock)
+        header = sock.recv(_TLS_RECORD_HEADER, socket.MSG_PEEK)
+        if len(header) == _TLS_RECORD_HEADER and header[0] == 22:  # 22: a handshake record
+            length = int.from_bytes(header[3:5], "big")
+            if length <= _MAX_FIRST_RECORD:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _TLS_RECORD_HEADER + length)
+                await trio.lowlevel.wait_readable(sock)
+    except OSError:
+        pass  # reset, or nothing after all: OpenSSL finds out and says so in its own words
+    finally:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        except OSError:
+            pass

@@ -151,7 +151,8 @@ def _low_fd_limit() -> None:  # runs in the child between fork and exec
 def test_running_out_of_descriptors_is_logged_and_service_resumes_when_they_free_up(pki, tmp_path):
     app = App()
     side = Sidecar(tmp_path, "fds", inbound_config(pki["ids"]["api"], f"127.0.0.1:{app.port}", [FRONTEND],
-                                                   extra="timeouts: {handshake: 60s}\n"),
+                                                   extra="timeouts: {handshake: 60s}\n"
+                                                         "limits: {handshakes: {per_source: 1000}}\n"),
                    preexec_fn=_low_fd_limit).wait_ready()
     hogs: list[socket.socket] = []
     result: dict = {}

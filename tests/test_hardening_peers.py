@@ -147,7 +147,8 @@ def many_descriptors():
 def test_two_thousand_idle_connections_leave_a_good_client_served_within_a_second(pki, tmp_path, many_descriptors):
     app = App()
     side = Sidecar(tmp_path, "crowd", inbound_config(pki["ids"]["api"], f"127.0.0.1:{app.port}", [FRONTEND],
-                                                     extra="timeouts: {handshake: 4s}\n")).wait_ready()
+                                                     extra="timeouts: {handshake: 4s}\n"
+                                                           "limits: {handshakes: {per_source: 4096}}\n")).wait_ready()
     idle: list[socket.socket] = []
     try:
         baseline = side.fd_count()
