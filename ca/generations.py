@@ -27,6 +27,7 @@ from ca.authority import (
     private_key_pem,
 )
 from ca.errors import InputError, Refused
+from ca.issuance import service_id
 from ca.revocation import write_crls
 from ca.store import (
     BUNDLE,
@@ -40,6 +41,7 @@ from ca.store import (
     Record,
     StateDir,
 )
+from mtls.bundles import DEFAULT_REFRESH_HINT, spiffe_bundle_json
 from mtls.durations import format_duration
 from mtls.files import KEY_MODE, PUBLIC_MODE, write_atomically
 from mtls.spiffe import InvalidSpiffeId, validate_trust_domain
@@ -79,8 +81,10 @@ def init_ca(
     ttl: timedelta,
     passphrase: bytes | None,
     now: datetime,
+    db: str | None = None,
 ) -> StateDir:
-    """Create a root, an intermediate valid for ``ttl``, an empty CRL and the index in ``directory``."""
+    """Create a root, an intermediate valid for ``ttl``, an empty CRL and the index (at ``db``, by default
+    DIR/ca.db) in ``directory``."""
     if "://" in trust_domain:
         raise InputError(f"--trust-domain {trust_domain!r}: give the bare name, e.g. 'example.org'")
     try:
@@ -88,7 +92,7 @@ def init_ca(
     except InvalidSpiffeId as exc:
         raise InputError(f"invalid trust domain {trust_domain!r}: {exc.rule}") from None
     _check_lifetimes(root_ttl=root_ttl, ttl=ttl)
-    state = StateDir(directory)
+    state = StateDir(directory, db)
     state.ensure_free()
     root, root_key, issuer = _make_generation(trust_domain, key_type, root_ttl=root_ttl, ttl=ttl, now=now, number=1)
     state.create(
@@ -98,7 +102,7 @@ def init_ca(
         root_key_pem=private_key_pem(root_key, passphrase),
         intermediate=issuer.cert,
         intermediate_key_pem=private_key_pem(issuer.key, passphrase),
-        crl=issuer.crl([], number=1, now=now),
+        crls=[issuer.crl([], number=1, now=now), Issuer(root, root_key, trust_domain).crl([], number=1, now=now)],
     )
     return state
 
@@ -169,7 +173,8 @@ def rotate(
             write_atomically(state.file(name), data, mode=mode)
         StateDir.set_meta(db, "generation", str(number + 1))
         StateDir.set_meta(db, "key_type", key_type)
-        write_crls(state, db, [issuer, *old_issuers], now=now)
+        _next_bundle_sequence(db)
+        write_crls(state, db, [issuer, *old_issuers], now=now, passphrase=passphrase)
     old = CaGeneration(number, archive, old_root, old_issuer.cert, False)
     new = CaGeneration(number + 1, state.path, root, issuer.cert, True)
     return Rotated(old, new, bundle, archive)
@@ -231,7 +236,10 @@ def drop_old_roots(state: StateDir, *, now: datetime, force: bool = False, passp
     dropped = [root for root in roots if root != current_root]
     kept = [root for root in roots if root == current_root] or [current_root]
     blockers = []
+    service = str(service_id(state.trust_domain))  # ca serve replaces its own as soon as bundle.pem changes
     for record, cert in state.valid_certificates(now):
+        if record.spiffe_id == service:
+            continue
         generation = _generation_of(cert, generations)
         if generation is not None and generation.root in dropped:
             blockers.append(Blocker(record, generation.root))
@@ -242,5 +250,26 @@ def drop_old_roots(state: StateDir, *, now: datetime, force: bool = False, passp
     issuer = state.load_issuer(passphrase)  # the one generation left; a wrong passphrase changes nothing
     with state.transaction() as db:
         write_atomically(state.file(BUNDLE), certificate_pem(*kept))
-        write_crls(state, db, [issuer], now=now)
+        _next_bundle_sequence(db)
+        write_crls(state, db, [issuer], now=now, passphrase=passphrase)
     return Dropped(dropped, kept, blockers)
+
+
+# --- the bundle as a SPIFFE bundle -------------------------------------------------------------
+
+_BUNDLE_SEQUENCE = "bundle_sequence"  # meta key: bumped whenever bundle.pem changes (init's bundle is 1)
+
+
+def _next_bundle_sequence(db) -> None:
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (_BUNDLE_SEQUENCE,)).fetchone()
+    StateDir.set_meta(db, _BUNDLE_SEQUENCE, str((int(row["value"]) if row else 1) + 1))
+
+
+def spiffe_bundle(state: StateDir) -> bytes:
+    """bundle.pem as a SPIFFE bundle (JWK Set): its roots, and a ``spiffe_sequence`` that grows each
+    time ``ca rotate`` or ``ca bundle --drop-old`` changes the roots, so consumers can refuse an older one."""
+    roots = state.bundle_roots()
+    with state.index.reading() as db:  # not StateDir.meta: a running ca serve must see each change
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (_BUNDLE_SEQUENCE,)).fetchone()
+    sequence = int(row["value"]) if row else 1
+    return spiffe_bundle_json(roots, sequence=sequence, refresh_hint=DEFAULT_REFRESH_HINT)

@@ -1,8 +1,9 @@
 """The verdict of ``ca verify`` (and of the renewal service on a presented chain).
 
 The chain decision is the shared one (``mtls.trust``: the same verifier as the sidecar's handshake),
-so ``ca verify`` and a sidecar agree about every certificate. The bundle given here names no trust
-domain: its roots are taken as those of the trust domain the leaf names. What this module adds is
+so ``ca verify`` and a sidecar agree about every certificate. The bundles are given per trust domain
+(``--bundle TD=FILE``), or as one list of roots naming no trust domain (the renewal service's
+bundle.pem): those are taken as the roots of the trust domain the leaf names. What this module adds is
 what the command asks of its ``--crl`` input: a CRL that claims to be from a CA on the verified path
 but is badly signed or stale is an input error (CrlError), not something to ignore.
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from cryptography import x509
 
@@ -37,21 +38,25 @@ class VerifiedSvid:
 def verify_svid_chain(
     leaf: x509.Certificate,
     intermediates: Sequence[x509.Certificate],
-    roots: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate] | Mapping[str, Sequence[x509.Certificate]],
     *,
     now: datetime,
     crls: Sequence[x509.CertificateRevocationList] = (),
     role: str | None = None,
     allowed: Sequence[IdPattern] = (),
 ) -> VerifiedSvid:
-    """Verify ``leaf`` (with the ``intermediates`` it came with) against the trust ``roots``.
+    """Verify ``leaf`` (with the ``intermediates`` it came with) against the trust ``roots``: the
+    roots of each trust domain, or a sequence of roots for the leaf's own trust domain.
 
     ``role`` is ``mtls.spiffe.CLIENT``/``SERVER`` or None (no EKU check); an empty ``allowed``
     accepts any ID. Raises VerifyError with the reason code (``identity_not_allowed`` last), or
     CrlError when every CRL that claims to be from a CA on the path is unusable.
     """
     current = [crl for crl in crls if not _stale(crl, now)]
-    store = TrustStore.for_leaf(leaf, roots, crls=current, authorities=intermediates, role=role)
+    if isinstance(roots, Mapping):
+        store = TrustStore(roots, crls=current, authorities=intermediates, holder="ca verify")
+    else:
+        store = TrustStore.for_leaf(leaf, roots, crls=current, authorities=intermediates, role=role)
     verified = store.verify(leaf, intermediates, role=role, now=now)
     crls_used = _usable_crls(store, verified.path, verified.spiffe_id.trust_domain, crls, now)
     if allowed and PatternSet(allowed).match(verified.spiffe_id) is None:

@@ -130,9 +130,31 @@ class Revoked:
 
 
 @dataclass(frozen=True)
-class _IssuerCrls:
+class IssuerCrls:
+    """The bound CRLs of one CA (serving one trust domain), with what freshness and rollback checks need.
+
+    ``newest`` is the CRL with the highest CRL number (the last one when none has a number): its
+    ``next_update`` says until when the CA vouches for this list, its ``number`` orders it.
+    """
+
+    trust_domain: str
+    issuer: x509.Name
+    signer_key: bytes  # the issuer's public key (DER SubjectPublicKeyInfo): a new CA of the same name is another
     serials: frozenset[int]
     crls: tuple[x509.CertificateRevocationList, ...]
+    newest: x509.CertificateRevocationList
+
+    @property
+    def number(self) -> int | None:
+        return crl_number(self.newest)
+
+    @property
+    def next_update(self) -> datetime | None:
+        return self.newest.next_update_utc
+
+    @property
+    def issuer_name(self) -> str:
+        return self.issuer.rfc4514_string()
 
 
 class TrustStore:
@@ -142,6 +164,7 @@ class TrustStore:
     candidates: each is bound to the root, or to the CA of ``authorities`` (intermediates that came
     with a certificate or a CRL file) that chains to a root, whose name and key signed it; the
     others end up in ``rejected_crls``. Raises ValueError for a root listed under two trust domains.
+    ``holder`` names who trusts these bundles in a refusal ("this sidecar trusts example.org").
     """
 
     def __init__(
@@ -150,7 +173,9 @@ class TrustStore:
         *,
         crls: Iterable[x509.CertificateRevocationList] = (),
         authorities: Iterable[x509.Certificate] = (),
+        holder: str = "this verifier",
     ):
+        self.holder = holder
         self.bundles: Mapping[str, tuple[x509.Certificate, ...]] = MappingProxyType(
             {trust_domain: tuple(roots) for trust_domain, roots in bundles.items()}
         )
@@ -176,9 +201,15 @@ class TrustStore:
         self.crls = tuple(accepted)
         self.rejected_crls = tuple(rejected)
         self._by_issuer = {
-            key: _IssuerCrls(frozenset(entry.serial_number for crl in found for entry in crl), tuple(found))
+            key: IssuerCrls(
+                key[0], found[0].issuer, key[2], frozenset(entry.serial_number for crl in found for entry in crl),
+                tuple(found), max(found, key=lambda crl: crl_number(crl) or 0),
+            )
             for key, found in by_issuer.items()
         }
+        due = [found.next_update for found in self._by_issuer.values() if found.next_update is not None]
+        # Before this moment no bound CRL is past its next update: a handshake then needs one comparison.
+        self.crls_fresh_until: datetime | None = min(due) if due else None
 
     def _chained_authorities(self, authorities: list[x509.Certificate]) -> list[tuple[x509.Certificate, str]]:
         """The CA certificates of ``authorities`` that chain to a root, each with the root's trust domain."""
@@ -204,6 +235,27 @@ class TrustStore:
         """The bound CRLs of ``issuer`` (matched by name and key) serving ``trust_domain``."""
         found = self._by_issuer.get((trust_domain, *self._key(issuer)))
         return found.crls if found else ()
+
+    @property
+    def issuer_crls(self) -> tuple[IssuerCrls, ...]:
+        """The bound CRLs grouped by the CA (and trust domain) they are bound to."""
+        return tuple(self._by_issuer.values())
+
+    def stale_crl(self, path: Sequence[x509.Certificate] | None, expired_before: datetime) -> IssuerCrls | None:
+        """The CRLs of an issuer on a verified ``path`` (leaf's issuer first; None: of any issuer, for a
+        resumed session) whose next update is before ``expired_before`` (the caller's now minus its
+        grace), or None. Costs one comparison while every bound CRL is fresh."""
+        if self.crls_fresh_until is None or expired_before <= self.crls_fresh_until:
+            return None
+        if path is None:
+            issuers = list(self._by_issuer.values())
+        else:
+            trust_domain = self._domain_of_root.get(path[-1])
+            issuers = [self._by_issuer.get((trust_domain, *self._key(ca))) for ca in path[1:]]
+        for found in issuers:
+            if found is not None and found.next_update is not None and found.next_update < expired_before:
+                return found
+        return None
 
     def revocations(self, path: Sequence[x509.Certificate]) -> list[Revoked]:
         """Every certificate of a verified ``path`` (leaf first) that a CRL of its own issuer lists."""
@@ -306,8 +358,8 @@ class TrustStore:
         return self._naming_missing_bundle(error, chain[0]) if chain else error
 
     def _no_bundle(self, trust_domain: str) -> str:
-        trusted = ", ".join(sorted(self.bundles)) or "none"
-        return f"no bundle for trust domain {trust_domain}; trusted: {trusted}"
+        trusted = ", ".join(sorted(self.bundles)) or "no trust domain"
+        return f"no bundle for trust domain {trust_domain}; {self.holder} trusts {trusted}"
 
     def _naming_missing_bundle(self, error: VerifyError, leaf: x509.Certificate) -> VerifyError:
         """A chain that does not verify from a trust domain we have no bundle for: say that instead."""
@@ -616,6 +668,14 @@ def _signed_crl(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bo
         return crl.is_signature_valid(ca.public_key())
     except (TypeError, ValueError, UnsupportedAlgorithm, InvalidSignature):
         return False
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    """The CRL number extension's value (RFC 5280 5.2.3), or None when the CRL has none."""
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except (x509.ExtensionNotFound, ValueError, x509.DuplicateExtension):
+        return None
 
 
 def _name(name: x509.Name) -> str:

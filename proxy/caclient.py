@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from urllib.parse import urlsplit
 
 import h11
@@ -103,6 +104,7 @@ class Answer:
     status: int
     content_type: str
     body: bytes
+    etag: str | None = None
 
     def error(self) -> tuple[str | None, str]:
         """(code, detail) from a JSON error body ``{"error": code, "detail": ...}``, else the text."""
@@ -130,6 +132,37 @@ async def post(
     ``spiffe://TD/ca`` (TD = ``expect_trust_domain``, or any when None). Raises ServiceError
     (refused=False) for every failure before a complete answer: the message names the URL.
     """
+    request = _Request("POST", path, body, (("content-type", content_type), ("accept", f"{PEM_CHAIN}, application/json")))
+    return await _ask(url, request, ctx, partial(_check_service_identity, trust_domain=expect_trust_domain), timeout)
+
+
+async def get(
+    url: ServiceUrl,
+    path: str,
+    ctx: SSL.Context,
+    *,
+    expect_id: SpiffeId,
+    etag: str | None = None,
+    timeout: float = REQUEST_TIMEOUT,
+) -> Answer:
+    """GET ``url`` + ``path`` over TLS 1.3 from a server whose X.509-SVID (chaining to the context's
+    roots) is ``expect_id``; with ``etag``, a 304 answer means the content is unchanged. Raises
+    ServiceError as ``post`` does."""
+    headers = (("if-none-match", etag),) if etag else ()
+    return await _ask(url, _Request("GET", path, b"", headers), ctx, partial(_check_exact_identity, expected=expect_id),
+                      timeout)
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    path: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+
+
+async def _ask(url: ServiceUrl, request: _Request, ctx: SSL.Context, check_identity, timeout: float) -> Answer:
+    """One request over a new TLS 1.3 connection, after ``check_identity(conn, where)`` accepted the server."""
     where = url.text
     with trio.move_on_after(timeout):
         try:
@@ -150,8 +183,8 @@ async def post(
                     ) from None
                 raise ServiceError(f"TLS handshake with {where} failed: {ssl_error_text(exc)}",
                                    code="handshake_failed") from None
-            _check_service_identity(stream.conn, where, expect_trust_domain)
-            return await _exchange(stream, url, path, body, content_type)
+            check_identity(stream.conn, where)
+            return await _exchange(stream, url, request)
         except (SSL.Error, OSError) as exc:
             raise ServiceError(f"connection to {where} failed: {ssl_error_text(exc)}",
                                code="connection_lost") from None
@@ -166,6 +199,24 @@ async def post(
 def _check_service_identity(conn: SSL.Connection, where: str, trust_domain: str | None) -> SpiffeId:
     """The service's chain, as OpenSSL verified it against our bundle, must pass the shared verifier's
     rules, and its leaf must name the CA service of ``trust_domain`` (any trust domain when None)."""
+    server_id = _verified_server_id(conn, where)
+    domain_ok = trust_domain is None or server_id.trust_domain == trust_domain
+    if server_id.path != SERVICE_PATH or not domain_ok:
+        expected = f"spiffe://{trust_domain or 'TD'}{SERVICE_PATH}"
+        raise ServiceError(f"{where} is {server_id}, not the CA service ({expected})", code="untrusted_service")
+    return server_id
+
+
+def _check_exact_identity(conn: SSL.Connection, where: str, expected: SpiffeId) -> SpiffeId:
+    server_id = _verified_server_id(conn, where)
+    if server_id != expected:
+        raise ServiceError(f"{where} is {server_id}, not {expected}", code="untrusted_service")
+    return server_id
+
+
+def _verified_server_id(conn: SSL.Connection, where: str) -> SpiffeId:
+    """The ID of the server's chain, as OpenSSL verified it against the context's roots, once it
+    passed the shared verifier's rules."""
     chain = conn.get_verified_chain(as_cryptography=True)
     if not chain:
         raise ServiceError(f"{where} presented no certificate", code="untrusted_service")
@@ -176,29 +227,27 @@ def _check_service_identity(conn: SSL.Connection, where: str, trust_domain: str 
     except VerifyError as exc:
         what = "that is not an X.509-SVID" if exc.reason == NOT_SVID else "we do not accept"
         raise ServiceError(f"{where} presented a certificate {what}: {exc.detail}", code="untrusted_service") from None
-    domain_ok = trust_domain is None or server_id.trust_domain == trust_domain
-    if server_id.path != SERVICE_PATH or not domain_ok:
-        expected = f"spiffe://{trust_domain or 'TD'}{SERVICE_PATH}"
-        raise ServiceError(f"{where} is {server_id}, not the CA service ({expected})", code="untrusted_service")
     return server_id
 
 
-async def _exchange(stream: TlsStream, url: ServiceUrl, path: str, body: bytes, content_type: str) -> Answer:
+async def _exchange(stream: TlsStream, url: ServiceUrl, request: _Request) -> Answer:
     client = h11.Connection(h11.CLIENT)
     host = url.endpoint.host if url.endpoint.port == 443 else f"{url.endpoint}"
-    request = h11.Request(
-        method="POST",
-        target=f"{url.prefix}{path}",
+    head = h11.Request(
+        method=request.method,
+        target=f"{url.prefix}{request.path}",
         headers=[
             ("host", host),
-            ("content-type", content_type),
-            ("content-length", str(len(body))),
-            ("accept", f"{PEM_CHAIN}, application/json"),
+            *request.headers,
+            ("content-length", str(len(request.body))),
             ("connection", "close"),
             ("user-agent", "mtls-sidecar-proxy"),
         ],
     )
-    await stream.send_all(client.send(request) + client.send(h11.Data(data=body)) + client.send(h11.EndOfMessage()))
+    data = client.send(head)
+    if request.body:
+        data += client.send(h11.Data(data=request.body))
+    await stream.send_all(data + client.send(h11.EndOfMessage()))
     response = None
     received = bytearray()
     while True:
@@ -214,7 +263,7 @@ async def _exchange(stream: TlsStream, url: ServiceUrl, path: str, body: bytes, 
     if response is None:
         raise ServiceError(f"{url.text} closed the connection without an answer")
     headers = {name.decode("ascii").lower(): value.decode("latin-1") for name, value in response.headers}
-    return Answer(response.status_code, headers.get("content-type", ""), bytes(received))
+    return Answer(response.status_code, headers.get("content-type", ""), bytes(received), headers.get("etag"))
 
 
 def new_key_and_csr() -> tuple[ec.EllipticCurvePrivateKey, bytes]:

@@ -10,37 +10,49 @@ with one assignment, or keeps the old one when this raises.
 The chain is checked by the shared verifier (``mtls.trust``), the one that decides about peers in the
 handshake: its path is built by OpenSSL with time checks switched off, then validity and revocation
 are decided by the trust store's rules for every certificate of the path and put in words here, all of
-them, so an expired certificate gets a message saying which one and when. The bundle holds the roots
-of our own trust domain (the one in our own SPIFFE ID); CRLs are bound to the CA that signed them.
+them, so an expired certificate gets a message saying which one and when. ``identity.bundle`` holds the
+roots of our own trust domain (the one in our own SPIFFE ID), each ``trust_domains`` entry those of a
+federated one; each file is PEM or a SPIFFE bundle (``mtls.bundles``) and its roots must not name another
+trust domain. A peer is verified against the bundle of its own trust domain only. CRLs are bound to the
+CA that signed them.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from mtls.bundles import (
+    PEM,
+    Bundle,
+    BundleError,
+    check_sequence,
+    check_serves,
+    parse_bundle,
+)
 from mtls.durations import roughly
 from mtls.files import FileStamp
 from mtls.reasons import EXPIRED, NOT_YET_VALID
 from mtls.spiffe import NotSvid, SpiffeId, svid_id
 from mtls.trust import TrustStore, VerifyError, build_path, validity
-from proxy.config import IdentityConfig
+from proxy.config import IdentityConfig, TrustDomainConfig
 
 EXPIRY_WARNING = timedelta(hours=24)
 # OpenSSL verify errors meaning "no issuer found for this certificate".
 _NO_ISSUER_ERRORS = (2, 20)  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT(_LOCALLY)
 
 _CERTIFICATE = "CERTIFICATE"
+_DER = serialization.Encoding.DER
 _CRL = "X509 CRL"
 _PRIVATE_KEY = "(?:EC |RSA |ENCRYPTED )?PRIVATE KEY"
 
@@ -52,6 +64,7 @@ class Credentials:
     cert_chain: tuple[x509.Certificate, ...]  # leaf first, then intermediates, as in the cert file
     key: PrivateKeyTypes
     bundle: tuple[x509.Certificate, ...]  # trust roots of our trust domain (several during CA rotation)
+    bundles: Mapping[str, Bundle]  # every trusted trust domain (ours and the federated ones) -> its bundle
     crls: tuple[x509.CertificateRevocationList, ...]  # only CRLs bound to a CA of a bundle
     trust: TrustStore  # bundles and CRLs as the verifier uses them: peers are checked against this
     spiffe_id: SpiffeId  # of our own leaf
@@ -71,20 +84,33 @@ class Credentials:
 
 
 class CredentialError(Exception):
-    """Every problem found with the identity files, one sentence each."""
+    """Every problem found with the identity files, one sentence each.
 
-    def __init__(self, problems: list[str]):
+    ``failed_bundles`` repeats those about trust bundle files, for readiness to name them.
+    """
+
+    def __init__(self, problems: list[str], failed_bundles: list[str] = ()):
         super().__init__("\n".join(problems))
         self.problems = list(problems)
+        self.failed_bundles = list(failed_bundles)
 
 
-def load_credentials(identity: IdentityConfig, *, now: datetime | None = None) -> Credentials:
-    """Read, parse and validate the identity files; raise CredentialError listing every problem.
+def load_credentials(
+    identity: IdentityConfig,
+    trust_domains: Sequence[TrustDomainConfig] = (),
+    *,
+    previous: Credentials | None = None,
+    now: datetime | None = None,
+) -> Credentials:
+    """Read, parse and validate the identity files and the federated bundles; raise CredentialError
+    listing every problem.
 
-    Validation: each file readable, non-empty and complete PEM; the key matches the leaf; the leaf is
-    an X.509-SVID; the chain verifies against the bundle; every certificate on the path is valid at
-    ``now``; each CRL is signed by a CA on our path or in the bundle; none of ours is revoked.
-    Expiry within a day is not a problem here; see ``expiry_warnings``.
+    Validation: each file readable, non-empty and complete PEM (a bundle may be a SPIFFE bundle); the
+    key matches the leaf; the leaf is an X.509-SVID; the chain verifies against the bundle; every
+    certificate on the path is valid at ``now``; each CRL is signed by a CA on our path or in the
+    bundle; none of ours is revoked; each federated bundle is for a trust domain other than ours, its
+    roots name no other one, and its ``spiffe_sequence`` is not older than ``previous``'s; no CRL
+    is older than ``previous``'s of the same CA (``crl_rollbacks``). Expiry within a day is not a problem here; see ``expiry_warnings``.
     """
     now = _utc(now)
     problems: list[str] = []
@@ -93,12 +119,17 @@ def load_credentials(identity: IdentityConfig, *, now: datetime | None = None) -
     cert_data = _read_file(identity.cert, "certificate", "identity.cert", problems, stamps)
     key_data = _read_file(identity.key, "private key", "identity.key", problems, stamps)
     bundle_data = _read_file(identity.bundle, "trust bundle", "identity.bundle", problems, stamps)
+    failed_bundles = problems[-1:] if bundle_data is None else []
     crl_data = _read_file(identity.crl, "CRL", "identity.crl", problems, stamps) if identity.crl else None
 
     chain = _certificates(identity.cert, cert_data, problems)
     key = _private_key(identity.key, key_data, problems)
-    bundle = _certificates(identity.bundle, bundle_data, problems)
+    before = len(problems)
+    own_bundle = _own_bundle(identity.bundle, bundle_data, problems)
+    failed_bundles += problems[before:]
+    bundle = own_bundle.roots if own_bundle is not None else ()
     crls = _crls(identity.crl, crl_data, problems) if identity.crl else ()
+    federated = _federated_bundles(trust_domains, previous, problems, failed_bundles, stamps)
 
     spiffe_id = None
     if chain:
@@ -113,22 +144,43 @@ def load_credentials(identity: IdentityConfig, *, now: datetime | None = None) -
     for cert in path or chain:
         _check_validity(identity.bundle if cert in bundle else identity.cert, cert, now, problems)
     trust = None
+    bundles: dict[str, Bundle] = {}
     if spiffe_id is not None:  # the bundle is our trust domain's: without our ID, CRLs cannot be bound
+        own = spiffe_id.trust_domain
+        if own_bundle is not None:
+            _check_own_bundle(identity.bundle, own_bundle, own, previous, problems, failed_bundles)
+            bundles[own] = replace(own_bundle, roots=tuple(trusted_roots))
+        if own in federated:
+            problems.append(
+                f"trust_domains.{own}: that is our own trust domain (the one in {identity.cert}); "
+                "its roots go in identity.bundle"
+            )
+        bundles.update((name, found) for name, found in federated.items() if name != own)
         authorities = tuple(path or chain[1:])
         if identity.crl and crl_data is not None:
             authorities += _crl_file_authorities(identity.crl, crl_data)
-        trust = TrustStore({spiffe_id.trust_domain: trusted_roots}, crls=crls, authorities=authorities)
-        if path is not None:  # else no CA of ours is known to chain to the bundle: that one problem says it
+        try:
+            trust = TrustStore(
+                {name: found.roots for name, found in bundles.items()}, crls=crls, authorities=authorities,
+                holder="this sidecar",
+            )
+        except ValueError as exc:  # one root under two trust domains
+            problems.append(f"trust bundles: {exc}; a root vouches for one trust domain only")
+            trust = None
+        if path is not None and trust is not None:  # else no CA of ours is known to chain to the bundle
             _report_untrusted_crls(identity, crls, trust, problems)
             _check_not_revoked(identity, path, trust, problems)
+        if previous is not None and trust is not None:
+            problems.extend(crl_rollbacks(identity, previous.trust, trust))
 
     if problems:
-        raise CredentialError(problems)
+        raise CredentialError(problems, failed_bundles)
     leaf = chain[0]
     return Credentials(
         cert_chain=chain,
         key=key,
         bundle=bundle,
+        bundles=MappingProxyType(bundles),
         crls=trust.crls,
         trust=trust,
         spiffe_id=spiffe_id,
@@ -163,6 +215,25 @@ def expiry_warnings(
                 f"{_when(crl.next_update_utc)}, {roughly(now - crl.next_update_utc)} ago); fetch a fresh one (ca crl)"
             )
     return warnings
+
+
+def crl_rollbacks(identity: IdentityConfig, in_force: TrustStore, new: TrustStore) -> list[str]:
+    """Why the CRLs of ``new`` may not replace those ``in_force``: a CRL of the same CA (name and key)
+    with a lower CRL number than the one in force, or the same number and other content. A CRL only
+    ever moves forward; an older one, however genuine, would un-revoke what was revoked since."""
+    current = {(i.trust_domain, i.issuer, i.signer_key): i for i in in_force.issuer_crls}
+    problems = []
+    for issuer in new.issuer_crls:
+        old = current.get((issuer.trust_domain, issuer.issuer, issuer.signer_key))
+        if old is None or old.number is None or issuer.number is None:
+            continue
+        what = f"{identity.crl}: the CRL from {_name(issuer.issuer)} has CRL number {issuer.number}"
+        keep = f"keeping CRL number {old.number}; install the CA's current CRL (ca crl)"
+        if issuer.number < old.number:
+            problems.append(f"{what}, lower than number {old.number} already in force (an old copy?); {keep}")
+        elif issuer.number == old.number and issuer.newest.public_bytes(_DER) != old.newest.public_bytes(_DER):
+            problems.append(f"{what}, the number already in force, but different content; {keep}")
+    return problems
 
 
 # --- reading files ----------------------------------------------------------------------------
@@ -281,6 +352,62 @@ def _same_public_key(cert: x509.Certificate, key: PrivateKeyTypes) -> bool:
         )
 
     return spki(cert.public_key()) == spki(key.public_key())
+
+
+def _own_bundle(path: Path, data: bytes | None, problems: list[str]) -> Bundle | None:
+    """identity.bundle: PEM (with the PEM reader's detailed messages) or a SPIFFE bundle; None if unusable."""
+    if data is None:
+        return None
+    if data.lstrip()[:1] == b"{":
+        try:
+            return parse_bundle(data)
+        except BundleError as exc:
+            problems.append(f"{path}: {exc}")
+            return None
+    roots = _certificates(path, data, problems)
+    return Bundle(roots, PEM) if roots else None
+
+
+def _check_own_bundle(
+    path: Path, bundle: Bundle, own: str, previous: Credentials | None, problems: list[str], failed: list[str]
+) -> None:
+    try:
+        check_serves(bundle, own)
+        if previous is not None and own in previous.bundles:
+            check_sequence(bundle, previous.bundles[own])
+    except BundleError as exc:
+        problem = (
+            f"{path}: {exc} (identity.bundle holds the roots of our own trust domain {own}; "
+            "another trust domain's roots go under trust_domains)"
+        )
+        problems.append(problem)
+        failed.append(problem)
+
+
+def _federated_bundles(
+    trust_domains: Sequence[TrustDomainConfig],
+    previous: Credentials | None,
+    problems: list[str],
+    failed: list[str],
+    stamps: dict[Path, FileStamp],
+) -> dict[str, Bundle]:
+    """The bundle of each ``trust_domains`` entry; a problem (also in ``failed``) for each unusable one."""
+    found = {}
+    for domain in trust_domains:
+        setting = f"trust_domains.{domain.name}.bundle"
+        before = len(problems)
+        data = _read_file(domain.bundle, f"trust bundle of {domain.name}", setting, problems, stamps)
+        if data is not None:
+            try:
+                bundle = parse_bundle(data)
+                check_serves(bundle, domain.name)
+                if previous is not None and domain.name in previous.bundles:
+                    check_sequence(bundle, previous.bundles[domain.name])
+                found[domain.name] = bundle
+            except BundleError as exc:
+                problems.append(f"{domain.bundle}: trust bundle of {domain.name} ({setting}): {exc}")
+        failed.extend(problems[before:])
+    return found
 
 
 def _check_bundle(path: Path, bundle: tuple[x509.Certificate, ...], problems: list[str]) -> list[x509.Certificate]:

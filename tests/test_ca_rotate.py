@@ -79,8 +79,9 @@ def test_revoking_an_old_root_leaf_after_rotation_lands_in_the_old_intermediates
     crls = read_crls(crl_file)
     assert [crl.issuer.rfc4514_string() for crl in crls] == [
         f"CN=mtls-sidecar intermediate CA 2,O={TD}", f"CN=mtls-sidecar intermediate CA,O={TD}",
+        f"CN=mtls-sidecar root CA 2,O={TD}", f"CN=mtls-sidecar root CA,O={TD}",
     ]
-    assert [len(crl) for crl in crls] == [0, 1]  # each CRL speaks for its own issuer's leaves
+    assert [len(crl) for crl in crls] == [0, 1, 0, 0]  # each CRL speaks for its own issuer's leaves
     revoked = verify(ca_dir, old, "--crl", str(crl_file))
     assert revoked.returncode == 1 and revoked.stdout.startswith("revoked:")
     assert verify(ca_dir, new, "--crl", str(crl_file)).returncode == 0
@@ -108,7 +109,7 @@ def test_second_rotation_keeps_every_root_until_dropped(ca_dir):
     run_ca("rotate", ca_dir=ca_dir)
     names = [cert.subject.rfc4514_string() for cert in read_certificates(ca_dir / "bundle.pem")]
     assert names == [f"CN=mtls-sidecar root CA{suffix},O={TD}" for suffix in ("", " 2", " 3")]
-    assert len(read_crls(ca_dir / "crl.pem")) == 3
+    assert len(read_crls(ca_dir / "crl.pem")) == 6  # each generation's intermediate and root
 
 
 # --- ca bundle --drop-old -----------------------------------------------------------------------------
@@ -141,8 +142,10 @@ def test_drop_old_succeeds_once_old_leaves_are_revoked_or_expired(ca_dir, tmp_pa
     result = run_ca("bundle", "--drop-old", ca_dir=ca_dir)
     assert "dropped root 'CN=mtls-sidecar root CA,O=example.org'" in result.stdout
     assert read_certificates(ca_dir / "bundle.pem") == read_certificates(ca_dir / "root.pem")
-    (crl,) = read_crls(ca_dir / "crl.pem")  # the dropped generation no longer signs a CRL
-    assert crl.issuer.rfc4514_string() == f"CN=mtls-sidecar intermediate CA 2,O={TD}"
+    crls = read_crls(ca_dir / "crl.pem")  # the dropped generation no longer signs a CRL
+    assert [crl.issuer.rfc4514_string() for crl in crls] == [
+        f"CN=mtls-sidecar intermediate CA 2,O={TD}", f"CN=mtls-sidecar root CA 2,O={TD}",
+    ]
     assert verify(ca_dir, old).stdout.startswith("untrusted_ca:")
 
 
@@ -213,6 +216,7 @@ class Pod:
 
 
 def test_full_rotation_under_running_sidecars_never_refuses_a_good_connection(tmp_path):
+    """Only the connection opened with the old certificates ends, when the old root leaves the bundle."""
     ca_dir = tmp_path / "ca"
     run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
     issued = tmp_path / "issued"
@@ -228,7 +232,7 @@ def test_full_rotation_under_running_sidecars_never_refuses_a_good_connection(tm
         f"    expect: [{API}]\n")).wait_ready()
     sides = (api_side, front_side)
     try:
-        stream = Stream(front_side.ports["api"])
+        streams = [Stream(front_side.ports["api"])]  # the open connection each step pushes through: the last
         steps: list[str] = []
 
         def reloads(side: Sidecar) -> int:
@@ -240,7 +244,7 @@ def test_full_rotation_under_running_sidecars_never_refuses_a_good_connection(tm
                 wait_until(lambda: reloads(side) >= count, what=f"reload after {name}")
             payload = f"after {name}".encode()
             assert echo_through(front_side.ports["api"], payload) == payload, name
-            stream.push(len(steps))
+            streams[-1].push(len(steps))
             steps.append(name)
 
         step("start")
@@ -256,6 +260,9 @@ def test_full_rotation_under_running_sidecars_never_refuses_a_good_connection(tm
         step("api re-issued from the new intermediate", {api_side: 2})
         front.install(issue(ca_dir, issued / "front-2", FRONTEND), two_roots)
         step("frontend re-issued from the new intermediate", {front_side: 2})
+        # The connection opened with the old certificates chains to the old root: dropping that root from
+        # the api's bundle closes it (policy_revoked). One opened now chains to the new root and stays.
+        streams.append(Stream(front_side.ports["api"]))
 
         refused = run_ca("bundle", "--drop-old", ca_dir=ca_dir, check=False)
         assert refused.returncode == 1 and all(serial in refused.stdout for serial in old_serials)
@@ -267,13 +274,16 @@ def test_full_rotation_under_running_sidecars_never_refuses_a_good_connection(tm
         step("ca bundle --drop-old")
         api.with_bundle(one_root)
         step("api drops the old root", {api_side: 3})
+        cut = api_side.wait_event(lambda e: e["event"] == "conn_closed" and e.get("reason") == "policy_revoked")
+        assert cut["peer_id"] == FRONTEND and "which is in no trusted bundle" in cut["detail"]
         front.with_bundle(one_root)
         step("frontend drops the old root", {front_side: 3})
 
         for side in sides:
             assert side.count(lambda e: e["event"] in ("conn_denied", "reload_failed")) == 0, side.log_path.read_text()
             assert reloads(side) == 3
-        stream.close()
+        streams[0].sock.close()  # cut by the api sidecar above
+        streams[1].close()
         assert len(steps) == 9
     finally:
         for side in sides:

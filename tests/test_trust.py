@@ -100,7 +100,7 @@ def test_refuses_a_trust_domain_without_a_bundle_naming_it_and_the_trusted_ones(
     error = refused(store_of(ours, partner), leaf, stranger.chain)
 
     assert error.reason == UNTRUSTED_CA
-    assert error.detail == f"no bundle for trust domain other.org; trusted: {TD}, {PARTNER}"
+    assert error.detail == f"no bundle for trust domain other.org; this verifier trusts {TD}, {PARTNER}"
 
 
 def test_refuses_a_trust_domain_without_a_bundle_even_when_our_root_signed_it(ours):
@@ -108,7 +108,7 @@ def test_refuses_a_trust_domain_without_a_bundle_even_when_our_root_signed_it(ou
 
     error = refused(store_of(ours), leaf, ours.chain)
 
-    assert (error.reason, error.detail) == (UNTRUSTED_CA, f"no bundle for trust domain other.org; trusted: {TD}")
+    assert (error.reason, error.detail) == (UNTRUSTED_CA, f"no bundle for trust domain other.org; this verifier trusts {TD}")
 
 
 def test_refuses_a_chain_to_no_trusted_root_naming_the_issuer(ours):

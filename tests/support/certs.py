@@ -252,9 +252,10 @@ class Authority:
         *,
         signed_by: Authority | None = None,
         next_update: datetime = NOW + 7 * DAY,
+        number: int | None = None,
     ) -> x509.CertificateRevocationList:
-        """A CRL in the issuer's name, revoking ``revoked_serials`` an hour before ``NOW``;
-        ``signed_by`` signs it with another authority's key instead (a forgery)."""
+        """A CRL in the issuer's name, revoking ``revoked_serials`` an hour before ``NOW``, with CRL number
+        ``number`` if given; ``signed_by`` signs it with another authority's key instead (a forgery)."""
         signer = (signed_by or self).issuer.key
         builder = (
             x509.CertificateRevocationListBuilder()
@@ -262,6 +263,8 @@ class Authority:
             .last_update(NOW - DAY)
             .next_update(next_update)
         )
+        if number is not None:
+            builder = builder.add_extension(x509.CRLNumber(number), critical=False)
         for serial in revoked_serials:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - HOUR).build()

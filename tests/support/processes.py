@@ -98,10 +98,12 @@ class Sidecar(LoggedProcess):
 class CaService(LoggedProcess):
     """`ca serve --listen 127.0.0.1:0` on ``ca_dir`` as a subprocess, started and ready; its log in ``log_dir``."""
 
-    def __init__(self, ca_dir: Path, log_dir: Path, *extra: str, listen: str = "127.0.0.1:0"):
+    def __init__(self, ca_dir: Path, log_dir: Path, *extra: str, listen: str = "127.0.0.1:0", db: str | None = None):
+        """``db``: the index URL ($CA_DB), e.g. a PostgreSQL database shared with other replicas."""
         self.ca_dir = ca_dir
+        env = {"CA_DIR": str(ca_dir), **({"CA_DB": db} if db else {})}
         super().__init__([PY, "-m", "ca", "serve", "--listen", listen, *extra],
-                         log_dir / f"ca-serve-{os.urandom(3).hex()}.log", {"CA_DIR": str(ca_dir)})
+                         log_dir / f"ca-serve-{os.urandom(3).hex()}.log", env)
         self.wait_ready()
         listening = next(e for e in self.events() if e["event"] == "listening")
         self.port = int(listening["address"].rsplit(":", 1)[1])
