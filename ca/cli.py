@@ -26,10 +26,21 @@ from ca.authority import (
 from ca.errors import CaError, InputError
 from ca.store import BUNDLE, CRL, INTERMEDIATE_CERT, ROOT_CERT, StateDir
 from ca.verify import CrlError, verify_svid_chain
+from mtls.bundles import (
+    FORMATS,
+    PEM,
+    SPIFFE,
+    BundleError,
+    check_serves,
+    declared_trust_domains,
+    is_trust_domain,
+    parse_bundle,
+)
+from mtls.console import run_command
 from mtls.durations import parse_duration
 from mtls.files import write_atomically
 from mtls.spiffe import InvalidSpiffeId, parse_pattern
-from mtls.trust import VerifyError
+from mtls.trust import VerifyError, claimed_trust_domain
 
 DEFAULT_DIR = "ca-data"
 
@@ -51,6 +62,11 @@ def _add_state_options(parser: argparse.ArgumentParser, *, on_subcommand: bool) 
     default = argparse.SUPPRESS if on_subcommand else None
     parser.add_argument(
         "--dir", default=default, metavar="DIR", help=f"state directory (default: $CA_DIR, else ./{DEFAULT_DIR})"
+    )
+    parser.add_argument(
+        "--db", default=default, metavar="URL",
+        help="the index: sqlite:///PATH or postgresql://USER@HOST/DB, shared by several 'ca serve' replicas "
+        "(default: $CA_DB, else sqlite:///DIR/ca.db)",
     )
     parser.add_argument(
         "--passphrase-file",
@@ -119,11 +135,23 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_argument("target", metavar="SERIAL|SPIFFE_ID", help="hex serial (as 'ca list' shows) or a SPIFFE ID")
     sub.add_argument("--reason", choices=REVOCATION_REASONS, default="unspecified", help="(default: %(default)s)")
 
-    sub = command("crl", _crl, "sign a fresh CRL (valid 24h), store it as DIR/crl.pem and print or write it")
+    sub = command(
+        "crl", _crl, "sign fresh CRLs (each intermediate's, and the root's for the intermediates), store them "
+        "as DIR/crl.pem and print or write them",
+    )
     sub.add_argument("--out", type=Path, metavar="FILE", help="write it here instead of stdout")
+    sub.add_argument(
+        "--validity", type=_duration, default=None, metavar="DURATION",
+        help="time until the CRLs' next update, after which verifiers refuse them as stale; remembered for the "
+        "CRLs 'ca revoke' and 'ca serve' sign later (default: the last one given, else 24h)",
+    )
 
     sub = command("bundle", _bundle, "print or write the trust bundle (the root certificates)")
     sub.add_argument("--out", type=Path, metavar="FILE", help="write it here instead of stdout")
+    sub.add_argument(
+        "--format", choices=FORMATS, default=PEM,
+        help="pem (default) or spiffe: a SPIFFE bundle (JWK Set with spiffe_sequence), for federated sidecars",
+    )
     sub.add_argument(
         "--drop-old",
         action="store_true",
@@ -167,6 +195,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     sub = command(
+        "migrate", _migrate,
+        "copy this CA's SQLite index (and its certificates and keys) into an empty PostgreSQL database, for "
+        "'ca serve' replicas: then run every ca with --db URL",
+    )
+    sub.add_argument("--to", required=True, metavar="URL", help="postgresql://USER@HOST/DB")
+
+    sub = command(
         "inspect", _inspect, "show a certificate's ID, serial, issuer, validity, key and fingerprint", state=False
     )
     sub.add_argument("cert", type=Path, metavar="CERT", help="PEM or DER file; the first certificate is shown")
@@ -174,7 +209,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub = command("verify", _verify, "verify an X.509-SVID chain against a bundle (and a CRL)", state=False)
     sub.add_argument("cert", type=Path, metavar="CERT", help="PEM file: the leaf, then its intermediates")
-    sub.add_argument("--bundle", type=Path, required=True, metavar="B", help="PEM file of trusted roots")
+    sub.add_argument(
+        "--bundle", action="append", required=True, metavar="[TD=]FILE",
+        help="trusted roots, PEM or a SPIFFE bundle (JSON); TD=FILE gives the roots of trust domain TD "
+        "(repeatable: a leaf is verified against its own trust domain's roots only). Without TD=, each "
+        "root serves the trust domain it names (O=TD, as 'ca init' makes it), else the leaf's",
+    )
     sub.add_argument(
         "--crl", type=Path, metavar="C", help="CRL of the leaf's issuer; a CRL that does not verify is an error"
     )
@@ -194,14 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0), or a usage error argparse has already printed (2)
         return exc.code if isinstance(exc.code, int) else 2
-    try:
-        code = _run(args)
-        sys.stdout.flush()  # now rather than at exit, so that a reader gone away is caught here
-    except BrokenPipeError:  # e.g. `ca list | head -1`: the reader is gone, nothing left to say
-        # Point stdout at /dev/null: the interpreter flushes it again at exit, which would fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    return code
+    return run_command(lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -213,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ca: {exc}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
-        raise  # not a failure of the command: main handles it
+        raise  # not a failure of the command: run_command handles it
     except OSError as exc:  # the filesystem said no somewhere we did not expect (full disk, permissions)
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"ca: {where}{exc.strerror or exc}", file=sys.stderr)
@@ -225,6 +258,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _state_path(args: argparse.Namespace) -> Path:
     return Path(args.dir or os.environ.get("CA_DIR") or DEFAULT_DIR)
+
+
+def _db_url(args: argparse.Namespace) -> str | None:
+    """The index URL (``--db``, else $CA_DB); None for the default, DIR/ca.db."""
+    return args.db or os.environ.get("CA_DB") or None
+
+
+def _open_state(args: argparse.Namespace) -> StateDir:
+    return StateDir.open(_state_path(args), _db_url(args))
 
 
 def _passphrase(args: argparse.Namespace) -> bytes | None:
@@ -256,6 +298,7 @@ def _init(args: argparse.Namespace, now: datetime) -> int:
     passphrase = _passphrase(args)
     state = generations.init_ca(
         _state_path(args),
+        db=_db_url(args),
         trust_domain=args.trust_domain,
         key_type=args.key_type,
         root_ttl=args.root_ttl,
@@ -282,7 +325,7 @@ def _init(args: argparse.Namespace, now: datetime) -> int:
 
 def _issue(args: argparse.Namespace, now: datetime) -> int:
     issued = issuance.issue(
-        StateDir.open(_state_path(args)),
+        _open_state(args),
         args.spiffe_id,
         ttl=args.ttl,
         now=now,
@@ -320,7 +363,7 @@ def _issue(args: argparse.Namespace, now: datetime) -> int:
 
 
 def _list(args: argparse.Namespace, now: datetime) -> int:
-    records = StateDir.open(_state_path(args)).records()
+    records = _open_state(args).records()
     if args.json:
         _print_json(
             [
@@ -332,6 +375,7 @@ def _list(args: argparse.Namespace, now: datetime) -> int:
                     "status": record.status(now),
                     "revoked_at": format_time(record.revoked_at) if record.revoked_at else None,
                     "reason": record.reason,
+                    "parent_serial": format_serial(record.parent_serial) if record.parent_serial else None,
                 }
                 for record in records
             ]
@@ -348,10 +392,13 @@ def _list(args: argparse.Namespace, now: datetime) -> int:
 
 def _revoke(args: argparse.Namespace, now: datetime) -> int:
     result = revocation.revoke(
-        StateDir.open(_state_path(args)), args.target, reason=args.reason, now=now, passphrase=_passphrase(args)
+        _open_state(args), args.target, reason=args.reason, now=now, passphrase=_passphrase(args)
     )
     for record in result.newly_revoked:
         print(f"revoked {format_serial(record.serial)} {record.spiffe_id} ({args.reason})")
+    for record in result.renewals:
+        print(f"revoked {format_serial(record.serial)} {record.spiffe_id} ({args.reason}), renewed from "
+              f"{format_serial(record.parent_serial)}")
     for record in result.untouched:
         if record.revoked_at is not None:
             state = f"already revoked at {format_time(record.revoked_at)} ({record.reason})"
@@ -366,8 +413,8 @@ def _revoke(args: argparse.Namespace, now: datetime) -> int:
 
 
 def _crl(args: argparse.Namespace, now: datetime) -> int:
-    state = StateDir.open(_state_path(args))
-    crl = revocation.refresh_crl(state, now=now, passphrase=_passphrase(args))
+    state = _open_state(args)
+    crl = revocation.refresh_crl(state, now=now, validity=args.validity, passphrase=_passphrase(args))
     pem = state.file(CRL).read_bytes()  # one CRL, or one per live generation after a rotation
     if args.out is None:
         sys.stdout.write(pem.decode("ascii"))
@@ -382,18 +429,18 @@ def _crl(args: argparse.Namespace, now: datetime) -> int:
 
 
 def _bundle(args: argparse.Namespace, now: datetime) -> int:
-    state = StateDir.open(_state_path(args))
+    state = _open_state(args)
     if args.force and not args.drop_old:
         raise InputError("--force only goes with --drop-old")
     if args.drop_old:
         _drop_old(state, args, now)
         if args.out is None:
             return 0
-    pem = state.file(BUNDLE).read_bytes()
+    data = generations.spiffe_bundle(state) if args.format == SPIFFE else state.file(BUNDLE).read_bytes()
     if args.out is None:
-        sys.stdout.write(pem.decode("ascii"))
+        sys.stdout.write(data.decode("ascii"))
         return 0
-    _write_output(args.out, pem)
+    _write_output(args.out, data)
     print(f"wrote {args.out}")
     return 0
 
@@ -423,7 +470,7 @@ def _drop_old(state: StateDir, args: argparse.Namespace, now: datetime) -> None:
 
 def _rotate(args: argparse.Namespace, now: datetime) -> int:
     rotated = generations.rotate(
-        StateDir.open(_state_path(args)),
+        _open_state(args),
         now=now,
         passphrase=_passphrase(args),
         key_type=args.key_type,
@@ -446,7 +493,7 @@ def _rotate(args: argparse.Namespace, now: datetime) -> int:
 
 def _token(args: argparse.Namespace, now: datetime) -> int:
     issued = enrollment.create_token(
-        StateDir.open(_state_path(args)), args.spiffe_id, ttl=args.ttl, cert_ttl=args.cert_ttl, now=now
+        _open_state(args), args.spiffe_id, ttl=args.ttl, cert_ttl=args.cert_ttl, now=now
     )
     if args.json:
         _print_json(
@@ -466,8 +513,17 @@ def _serve(args: argparse.Namespace, now: datetime) -> int:
     from ca.serve import serve_main
 
     return serve_main(
-        StateDir.open(_state_path(args)), listen=args.listen, dns_names=args.dns, passphrase=_passphrase(args)
+        _open_state(args), listen=args.listen, dns_names=args.dns, passphrase=_passphrase(args)
     )
+
+
+def _migrate(args: argparse.Namespace, now: datetime) -> int:
+    state = _open_state(args)
+    copied = state.copy_index_to(args.to)
+    target = StateDir(state.path, args.to).index
+    print(f"copied {state.index} to {target}: {copied['certs']} certificate(s), {copied['tokens']} token(s)")
+    print(f"next: run every 'ca' and 'ca serve' with --db {target} (or $CA_DB); keep {state.index} as a backup")
+    return 0
 
 
 def _inspect(args: argparse.Namespace, now: datetime) -> int:
@@ -500,10 +556,10 @@ def _verify(args: argparse.Namespace, now: datetime) -> int:
     except InvalidSpiffeId as exc:
         raise InputError(f"--expect: {exc}") from None
     leaf, *intermediates = inspection.read_certificates(args.cert)
-    roots = inspection.read_certificates(args.bundle, "bundle")
+    bundles = _trust_bundles(args.bundle, leaf)
     crls = inspection.read_crls(args.crl) if args.crl is not None else []
     try:
-        result = verify_svid_chain(leaf, intermediates, roots, now=now, crls=crls, allowed=allowed)
+        result = verify_svid_chain(leaf, intermediates, bundles, now=now, crls=crls, allowed=allowed)
     except VerifyError as exc:
         print(exc)
         return 1
@@ -521,3 +577,37 @@ def _verify(args: argparse.Namespace, now: datetime) -> int:
         f"expires {format_time(leaf.not_valid_after_utc)})"
     )
     return 0
+
+
+def _trust_bundles(values: list[str], leaf) -> dict[str, list] | list:
+    """``--bundle [TD=]FILE`` values as the roots of each trust domain (see the option's help); the
+    roots of an unnamed file that name no trust domain are the leaf's (a list, when nothing is named)."""
+    named: dict[str, list] = {}
+    unnamed: list = []
+    for value in values:
+        trust_domain, sep, file = value.partition("=")
+        if not (sep and "/" not in trust_domain and is_trust_domain(trust_domain)):
+            trust_domain, file = None, value
+        try:
+            bundle = parse_bundle(inspection.read_file(Path(file), "bundle"))
+            if trust_domain is not None:
+                check_serves(bundle, trust_domain)
+        except BundleError as exc:
+            raise InputError(f"--bundle {value}: {exc}") from None
+        if trust_domain is not None:
+            named.setdefault(trust_domain, []).extend(bundle.roots)
+            continue
+        for root in bundle.roots:
+            declared = declared_trust_domains(root)
+            if len(declared) == 1:
+                named.setdefault(declared.pop(), []).append(root)
+            else:
+                unnamed.append(root)
+    if not named:
+        return unnamed
+    if unnamed:
+        leaf_domain = claimed_trust_domain(leaf)
+        if leaf_domain is None:
+            return unnamed + [root for roots in named.values() for root in roots]  # verify says not_svid
+        named.setdefault(leaf_domain, []).extend(unnamed)
+    return named

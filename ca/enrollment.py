@@ -140,5 +140,5 @@ def renew(
         lifetime = max(record.not_after - record.issued_at, timedelta(seconds=1))
         return sign_and_record(
             db, issuer, spiffe_id, csr.public_key(), ttl=within_intermediate(issuer, lifetime, now=now), now=now,
-            dns_names=dns_names(leaf),
+            dns_names=dns_names(leaf), parent_serial=record.serial,
         )

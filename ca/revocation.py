@@ -7,22 +7,24 @@ revocations produce CRL files in the order of their commits and none is lost.
 from __future__ import annotations
 
 import re
-import sqlite3
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca.authority import Issuer, format_serial
-from ca.errors import InputError, Refused
+from ca.authority import CRL_LIFETIME, Issuer, format_serial
+from ca.errors import CaError, InputError, Refused
+from ca.index import Transaction
+from ca.inspection import read_crls
 from ca.issuance import id_in_trust_domain
-from ca.store import CRL, VALID, Record, StateDir
+from ca.store import CRL, ROOT_CERT, ROOT_KEY, VALID, CaGeneration, Record, StateDir
 from mtls.files import write_atomically
 
 _HEX = re.compile(r"[0-9a-f]+")
+CRL_VALIDITY = "crl_validity"  # meta key: seconds from a CRL's signing to its next update, as last chosen
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Revoked:
     newly_revoked: list[Record]
     untouched: list[Record]  # matched, but already revoked (or, when revoking by ID, expired)
     crl_path: Path
+    renewals: list[Record]  # renewed from a newly revoked one (transitively), revoked with it, same reason
 
 
 def parse_serial(text: str) -> int:
@@ -58,43 +61,108 @@ def revoke(
         else:
             chosen = [record for record in matched if record.revoked_at is None]
         untouched = [record for record in matched if record not in chosen]
+        renewals = _renewed_from(db, [record.serial for record in chosen])
         if chosen:
-            StateDir.mark_revoked(db, [record.serial for record in chosen], at=now, reason=reason)
-            write_crls(state, db, issuers, now=now)
-    return Revoked(chosen, untouched, state.file(CRL))
+            StateDir.mark_revoked(db, [record.serial for record in chosen + renewals], at=now, reason=reason)
+            write_crls(state, db, issuers, now=now, passphrase=passphrase)
+    return Revoked(chosen, untouched, state.file(CRL), renewals)
+
+
+def _renewed_from(db, serials: list[int]) -> list[Record]:
+    """Every unrevoked certificate renewed from one of ``serials``, from a renewal of one, and so on.
+
+    A renewal is bought with the certificate it replaces; whoever holds a stolen key could renew it
+    before it is revoked, so revoking a certificate must reach every certificate descended from it."""
+    found, seen, frontier = [], set(serials), list(serials)
+    while frontier:
+        children = [child for child in StateDir.renewals_of(db, frontier) if child.serial not in seen]
+        seen.update(child.serial for child in children)
+        found += [child for child in children if child.revoked_at is None]
+        frontier = [child.serial for child in children]
+    return found
 
 
 def refresh_crl(
-    state: StateDir, *, now: datetime, passphrase: bytes | None = None
+    state: StateDir, *, now: datetime, validity: timedelta | None = None, passphrase: bytes | None = None
 ) -> x509.CertificateRevocationList:
-    """Sign fresh CRLs (new number, next update in 24h), store them as DIR/crl.pem; return the current
-    intermediate's (see ``write_crls`` for the others)."""
+    """Sign fresh CRLs (new number, next update in ``validity``), store them as DIR/crl.pem; return the
+    current intermediate's (see ``write_crls`` for the others). A ``validity`` given is remembered
+    for every CRL signed later (``ca revoke``, ``ca serve``); None uses the remembered one."""
     issuers = state.live_issuers(passphrase)
     with state.transaction() as db:
-        return write_crls(state, db, issuers, now=now)[0]
+        if validity is not None:
+            StateDir.set_meta(db, CRL_VALIDITY, str(int(validity.total_seconds())))
+        return write_crls(state, db, issuers, now=now, passphrase=passphrase)[0]
+
+
+def crl_due(state: StateDir, now: datetime) -> bool:
+    """DIR/crl.pem has less than a third of its validity left (or cannot be read): time to sign anew."""
+    try:
+        crls = read_crls(state.file(CRL))
+    except CaError:
+        return True
+    return any(
+        crl.next_update_utc is None or now >= crl.next_update_utc - (crl.next_update_utc - crl.last_update_utc) / 3
+        for crl in crls
+    )
 
 
 def write_crls(
-    state: StateDir, db: sqlite3.Connection, issuers: Sequence[Issuer], *, now: datetime
+    state: StateDir,
+    db: Transaction,
+    issuers: Sequence[Issuer],
+    *,
+    now: datetime,
+    passphrase: bytes | None,
 ) -> list[x509.CertificateRevocationList]:
-    """Sign one CRL per issuer (current first) under one new CRL number, write DIR/crl.pem; inside ``db``'s
-    transaction, so concurrent revocations produce CRL files in commit order.
+    """Sign one CRL per intermediate (current first) and one per root over its intermediates, under one
+    new CRL number, valid for the remembered validity (``ca crl --validity``, else 24h), and write them
+    to DIR/crl.pem; inside ``db``'s transaction, so concurrent revocations produce CRL files in commit
+    order.
 
-    With one issuer the file is that CRL alone, as before any rotation. With several (after ``ca
-    rotate``, until ``ca bundle --drop-old``), each CRL is preceded by its issuer's certificate: a
-    sidecar whose own chain goes through the other intermediate has no other way to check that CRL's
-    signature. Readers that want CRLs only (``openssl crl``, ``ca.inspection.read_crls``) skip the
-    certificates.
+    The roots' CRLs list no revoked intermediate (this CA never revokes one: ``ca rotate`` replaces
+    it), but verifiers that check every link (``openssl verify -crl_check_all``, nginx ``ssl_crl``,
+    haproxy ``crl-file``) refuse a chain when any CA on it has no CRL, so each root signs one.
+
+    With one generation the file is the intermediate's CRL and the root's. With several (after ``ca
+    rotate``, until ``ca bundle --drop-old``), each intermediate's CRL is preceded by its certificate:
+    a sidecar whose own chain goes through the other intermediate has no other way to check that
+    CRL's signature. Readers that want CRLs only (``openssl crl``, ``ca.inspection.read_crls``) skip
+    the certificates.
     """
     number = StateDir.next_crl_number(db)
+    remembered = db.execute("SELECT value FROM meta WHERE key = ?", (CRL_VALIDITY,)).fetchone()
+    validity = timedelta(seconds=int(remembered["value"])) if remembered else CRL_LIFETIME
+    generations = state.generations(db)
     crls = [
-        issuer.crl(StateDir.revocations(db, now=now, issuer=issuer.cert.subject), number=number, now=now)
+        issuer.crl(
+            StateDir.revocations(db, now=now, issuer=issuer.cert.subject), number=number, now=now, validity=validity
+        )
         for issuer in issuers
     ]
+    roots = [_root_signer(state, _generation_of(issuer, generations), passphrase) for issuer in issuers]
+    root_crls = [root.crl([], number=number, now=now, validity=validity) for root in roots]
     pem = serialization.Encoding.PEM
     data = b"".join(
         (issuer.cert.public_bytes(pem) if len(issuers) > 1 else b"") + crl.public_bytes(pem)
         for issuer, crl in zip(issuers, crls)
-    )
+    ) + b"".join(crl.public_bytes(pem) for crl in root_crls)
     write_atomically(state.file(CRL), data)
-    return crls
+    return crls + root_crls
+
+
+def _generation_of(issuer: Issuer, generations: Sequence[CaGeneration]) -> CaGeneration:
+    for generation in generations:
+        if generation.intermediate == issuer.cert:
+            return generation
+    raise InputError(f"no CA generation in the state directory holds the intermediate {issuer.cert.subject.rfc4514_string()}")
+
+
+def _root_signer(state: StateDir, generation: CaGeneration, passphrase: bytes | None) -> Issuer:
+    """The root of ``generation`` with its key, as the signer of the CRL over its intermediates."""
+    where = generation.directory.relative_to(state.path)
+    key = state.load_private_key(where / ROOT_KEY, passphrase)
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*raw) != generation.root.public_key().public_bytes(*raw):
+        raise InputError(f"{state.file(where / ROOT_KEY)} is not the key of {state.file(where / ROOT_CERT)}")
+    return Issuer(generation.root, key, state.trust_domain)

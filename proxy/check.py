@@ -7,11 +7,18 @@ is a problem too: the point of running it is to catch what would break soon.
 
 from __future__ import annotations
 
+import resource
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
 from mtls.durations import roughly
+from proxy.capacity import (
+    capacity_warnings,
+    cgroup_memory_limit,
+    descriptors_needed,
+    memory_needed_kib,
+)
 from proxy.config import Config, ConfigError, load_config
 from proxy.credentials import (
     CredentialError,
@@ -39,14 +46,19 @@ def run_check(config_path: str | Path, *, now: datetime | None = None) -> tuple[
     creds = None
     if identity is not None:
         try:
-            creds = load_credentials(identity, now=now)
+            creds = load_credentials(identity, config.trust_domains if config else (), now=now)
         except CredentialError as exc:
             problems.extend(exc.problems)
     if creds is not None:
         problems.extend(expiry_warnings(creds, now))
+        if config is not None:
+            problems.extend(_rules_without_bundle(config, creds))
     if problems:
         return False, problems
-    return True, _summary(config, creds, now)
+    hard_open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # `proxy run` raises its soft limit to it
+    warnings = capacity_warnings(config, hard_open_files, cgroup_memory_limit())
+    warnings = [f"warning: {warning}" for warning in warnings]
+    return True, _summary(config, creds, now, warnings)
 
 
 def check_main(config_path: str | Path, out: TextIO, err: TextIO) -> int:
@@ -63,7 +75,33 @@ def check_main(config_path: str | Path, out: TextIO, err: TextIO) -> int:
     return 1
 
 
-def _summary(config: Config, creds: Credentials, now: datetime) -> list[str]:
+def _rules_without_bundle(config: Config, creds: Credentials) -> list[str]:
+    """An allow/expect entry naming a trust domain with no bundle can never match: no peer of it verifies."""
+    rule_sets = [(f"inbound {lst.name} allow", lst.allow) for lst in config.inbound]
+    rule_sets += [(f"outbound {lst.name} expect", lst.expect) for lst in config.outbound]
+    if config.egress:
+        rule_sets += [(f"egress.allow[{rule.index}] expect", rule.expect) for rule in config.egress.allow if rule.expect]
+    trusted = ", ".join(sorted(creds.bundles))
+    return [
+        f"{config.source}: {where} {pattern}: no bundle for trust domain {pattern.base.trust_domain} "
+        f"(this sidecar trusts {trusted}); add it under trust_domains or remove the entry"
+        for where, patterns in rule_sets
+        for pattern in patterns
+        if pattern.base.trust_domain not in creds.bundles
+    ]
+
+
+def _limits(config: Config) -> str:
+    limits, hs = config.limits, config.limits.handshakes
+    per_listener = f", at most {limits.per_listener} per listener" if limits.per_listener is not None else ""
+    return (
+        f"limits: {limits.max_connections} established connections{per_listener}; per inbound port "
+        f"{hs.per_listener} handshakes, {hs.waiting} waiting, {hs.per_source} per source; with all of them "
+        f"about {memory_needed_kib(config) // 1024} MiB and {descriptors_needed(config)} open files"
+    )
+
+
+def _summary(config: Config, creds: Credentials, now: datetime, warnings: list[str]) -> list[str]:
     identity = config.identity
     roots = len(creds.bundle)
     lines = [
@@ -73,11 +111,21 @@ def _summary(config: Config, creds: Credentials, now: datetime) -> list[str]:
         f"{creds.not_after:%Y-%m-%dT%H:%M:%SZ} ({roughly(creds.not_after - now)} left)",
         f"  trust bundle: {identity.bundle} ({roots} root{'s' if roots != 1 else ''})",
     ]
+    for domain in config.trust_domains:
+        bundle = creds.bundles[domain.name]
+        count = len(bundle.roots)
+        source = f", kept current from {domain.endpoint}" if domain.endpoint else ""
+        lines.append(
+            f"  trust domain {domain.name}: {domain.bundle} ({bundle.format}, {count} root{'s' if count != 1 else ''}"
+            f"{source})"
+        )
     if identity.crl:
         revoked = len(creds.revoked_serials)
         lines.append(f"  crl: {identity.crl} ({revoked} revoked serial{'s' if revoked != 1 else ''})")
     if identity.renew:
         lines.append(f"  renew: from {identity.renew.url} at {identity.renew.at:.0%} of the lifetime")
+    lines.append(_limits(config))
+    lines += warnings
     for inbound in config.inbound:
         extras = " (audit: denials are logged, not enforced)" if inbound.mode == "audit" else ""
         extras += " (PROXY v2 header to the app)" if inbound.proxy_protocol else ""

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cryptography import x509
+
 from mtls import reasons
 from mtls.events import EventLog
 from mtls.reasons import Decision
 from mtls.spiffe import SpiffeId
+from mtls.trust import claimed_uri
 from proxy.metrics import Metrics
 from proxy.relay import Link
 
+# Refusals of a certificate whose claim we log, unverified: who it said it was, its serial, its issuer.
+_CLAIM_REASONS = {reasons.REVOKED, reasons.UNTRUSTED_CA, reasons.EXPIRED, reasons.NOT_YET_VALID, reasons.CRL_STALE}
 # Results for sidecar_connections_total: refusals by identity or policy are "denied", the rest "error".
 _ERROR_REASONS = {reasons.HANDSHAKE_TIMEOUT, reasons.HANDSHAKE_FAILED, reasons.UPSTREAM_UNREACHABLE}
 RESET = "reset"  # a closing reason of our own: either side broke the connection (logged with reason null)
@@ -51,6 +56,14 @@ def _names(conn: Conn, peer_id: SpiffeId | None) -> dict:
     return names
 
 
+def _claim(leaf: x509.Certificate) -> dict:
+    """What a refused certificate says about itself, none of it verified."""
+    return {
+        "claimed_id": claimed_uri(leaf), "claimed_serial": f"{leaf.serial_number:x}",
+        "claimed_issuer": leaf.issuer.rfc4514_string(),
+    }
+
+
 class DecisionLog:
     """Writes decision lines to ``log`` and counts them in ``metrics``."""
 
@@ -59,14 +72,21 @@ class DecisionLog:
         self.metrics = metrics
 
     def denied(
-        self, conn: Conn, reason: str, detail: str, *, peer_id: SpiffeId | None = None, duration: float | None = None
+        self, conn: Conn, reason: str, detail: str, *, peer_id: SpiffeId | None = None, duration: float | None = None,
+        leaf: x509.Certificate | None = None,
     ) -> None:
-        """Refused before relaying: by identity or policy (``denied``) or by a failure (``error``)."""
+        """Refused before relaying: by identity or policy (``denied``) or by a failure (``error``).
+
+        ``leaf`` is the peer's certificate as presented: for a refusal of the certificate itself
+        (revoked, untrusted_ca, expired, not_yet_valid, crl_stale) with no verified ``peer_id``, the
+        line carries what it claims, as ``claimed_id`` (unverified), ``claimed_serial`` and
+        ``claimed_issuer``, so that an incident can be traced to whoever holds that certificate."""
         result = "error" if reason in _ERROR_REASONS else "denied"
         self.metrics.connections.labels(conn.listener, conn.direction, result).inc()
         self.metrics.denials.labels(conn.listener, conn.direction, reason).inc()
+        claim = _claim(leaf) if leaf is not None and peer_id is None and reason in _CLAIM_REASONS else {}
         self.log.emit(
-            "warning", "conn_denied", **_names(conn, peer_id), reason=reason, detail=detail,
+            "warning", "conn_denied", **_names(conn, peer_id), **claim, reason=reason, detail=detail,
             bytes_in=0, bytes_out=0, duration_s=None if duration is None else round(duration, 6),
         )
 

@@ -47,6 +47,32 @@ class Metrics:
             "(no_rule|sni_not_allowed|no_client_hello) and mode (enforce: reset; audit: let through).",
             ["cause", "mode"], registry=r,
         )
+        self.crl_next_update = Gauge(
+            "sidecar_crl_next_update_timestamp_seconds", "Next update (unix time) of the loaded CRL of each issuer.",
+            ["issuer"], registry=r,
+        )
+        self.crl_stale_accepted = Counter(
+            "sidecar_crl_stale_accepted", "Handshakes let through although a CRL of the peer's chain was past its "
+            "next update plus identity.crl_grace (identity.crl_stale: warn).",
+            ["listener", "direction"], registry=r,
+        )
+        self.trust_bundle_roots = Gauge(
+            "sidecar_trust_bundle_roots", "Roots in the loaded bundle of each trusted trust domain.",
+            ["trust_domain"], registry=r,
+        )
+        self.sync = Counter(
+            "sidecar_sync", "Fetches of bundles and CRLs from their endpoints (identity.sync, trust_domains.*.endpoint) "
+            "by result (updated|unchanged|failed|refused).", ["result"], registry=r,
+        )
+        self.handshakes_pending = Gauge(
+            "sidecar_handshakes_pending", "Unauthenticated inbound connections now, by stage (waiting: no complete "
+            "first TLS record yet; handshaking: an OpenSSL handshake in progress).", ["listener", "stage"], registry=r,
+        )
+        self.handshake_evictions = Counter(
+            "sidecar_handshake_evictions", "Unauthenticated connections closed to make room for a newer one, by the "
+            "budget that was full (per_source|waiting|per_listener, under limits.handshakes).",
+            ["listener", "budget"], registry=r,
+        )
         self.reloads = Counter("sidecar_reloads", "Reloads by result (ok|failed).", ["result"], registry=r)
         self.renewals = Counter("sidecar_renewals", "Certificate renewals by result (ok|failed).", ["result"], registry=r)
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -27,9 +28,35 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
 from mtls import reasons
+from mtls.durations import format_duration, roughly
 from mtls.spiffe import SpiffeId
 from mtls.tlsio import present, tls13_context, trust
 from mtls.trust import MAX_INTERMEDIATES, TrustStore, VerifyError, chain_of
+
+
+@dataclass(frozen=True, slots=True)
+class CrlFreshness:
+    """What a handshake does when a CRL of an issuer on the peer's path is past its next update by
+    more than ``grace`` (``identity.crl_grace``): ``refuse`` it (``crl_stale``) or let it through,
+    marked, to be counted. ``file`` is ``identity.crl``, for the message."""
+
+    file: Path | None = None
+    grace: timedelta = timedelta(hours=1)
+    refuse: bool = True
+
+    def stale(self, trust: TrustStore, path: Sequence[x509.Certificate] | None, now: datetime) -> str | None:
+        """Why the CRLs for ``path`` (None: any, for a resumed session) are too old to rely on at ``now``,
+        or None (one comparison while every CRL is fresh: ``TrustStore.stale_crl``)."""
+        found = trust.stale_crl(path, now - self.grace)
+        if found is None:
+            return None
+        due = found.next_update
+        return (
+            f"the CRL in {self.file} from '{found.issuer_name}' expired {roughly(now - due)} ago (next update "
+            f"was due at {due:%Y-%m-%dT%H:%M:%SZ}, identity.crl_grace is "
+            f"{format_duration(self.grace.total_seconds())}); without a current CRL a revoked peer cannot be told "
+            "apart: deliver a fresh CRL (ca crl)"
+        )
 
 
 class PeerCheck:
@@ -41,8 +68,8 @@ class PeerCheck:
     """
 
     __slots__ = (
-        "role", "authorize", "trust", "audit", "failure", "peer_id", "decision", "serial", "not_after",
-        "resumed", "path",
+        "role", "authorize", "trust", "audit", "crl_freshness", "failure", "peer_id", "decision", "serial",
+        "not_after", "resumed", "path", "stale_crl", "leaf",
     )
 
     def __init__(
@@ -51,11 +78,15 @@ class PeerCheck:
         authorize: Callable[[SpiffeId], reasons.Decision],
         trust: TrustStore,
         audit: bool = False,
+        crl_freshness: CrlFreshness = CrlFreshness(),
     ):
         self.role = role  # CLIENT when the peer is a client (inbound), SERVER when it is a server
         self.authorize = authorize
         self.trust = trust
         self.audit = audit
+        self.crl_freshness = crl_freshness
+        self.stale_crl: str | None = None  # why the CRLs were too old, when crl_stale: warn let the peer through
+        self.leaf: x509.Certificate | None = None  # the peer's leaf as presented, verified or not (for denials)
         self.failure: tuple[str, str] | None = None  # (reason code, detail)
         self.peer_id: SpiffeId | None = None
         self.decision: reasons.Decision | None = None
@@ -77,6 +108,8 @@ class PeerCheck:
         """
         error = self.trust.refusal(code, depth, chain, role=self.role)
         self.peer_id = self.path = None
+        if chain and self.leaf is None:
+            self.leaf = chain[0]
         self.fail(error.reason, error.detail)
 
     def check_path(self, path: Sequence[x509.Certificate], now: datetime) -> bool:
@@ -87,6 +120,11 @@ class PeerCheck:
         self._note(path[0])
         try:
             peer_id = self.trust.identify(path, role=self.role, now=now)
+            stale = self.crl_freshness.stale(self.trust, path, now)
+            if stale is not None:
+                if self.crl_freshness.refuse:
+                    return self.fail(reasons.CRL_STALE, stale)
+                self.stale_crl = stale
             if not self._authorize(peer_id):
                 return False
             self.trust.check_vouched(peer_id, path)
@@ -107,10 +145,16 @@ class PeerCheck:
             peer_id = self.trust.check_leaf(cert, role=self.role, now=now)
         except VerifyError as exc:
             return self.fail(exc.reason, exc.detail)
+        stale = self.crl_freshness.stale(self.trust, None, now)
+        if stale is not None:
+            if self.crl_freshness.refuse:
+                return self.fail(reasons.CRL_STALE, stale)
+            self.stale_crl = stale
         self.resumed = True
         return self._authorize(peer_id)
 
     def _note(self, leaf: x509.Certificate) -> None:
+        self.leaf = leaf
         self.serial = leaf.serial_number
         self.not_after = leaf.not_valid_after_utc
 
@@ -130,6 +174,7 @@ class PeerCheck:
 _X509_V_ERR_CERT_NOT_YET_VALID = 9
 _X509_V_ERR_CERT_HAS_EXPIRED = 10
 _X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY = 20
+_X509_V_ERR_CRL_HAS_EXPIRED = 12
 _X509_V_ERR_CERT_REVOKED = 23
 _X509_V_ERR_CERT_REJECTED = 28
 _X509_V_ERR_APPLICATION_VERIFICATION = 50
@@ -139,6 +184,7 @@ _REFUSAL_X509_ERRORS = {
     reasons.UNTRUSTED_CA: _X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY,
     reasons.REVOKED: _X509_V_ERR_CERT_REVOKED,
     reasons.NOT_SVID: _X509_V_ERR_CERT_REJECTED,
+    reasons.CRL_STALE: _X509_V_ERR_CRL_HAS_EXPIRED,
 }
 
 
@@ -187,7 +233,7 @@ def _base_context(creds, verify_mode: int, *, tickets: bool = False) -> SSL.Cont
     ctx = tls13_context(tickets=tickets)
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # idle relayed connections hold no TLS buffers
     present(ctx, creds.cert_chain, creds.key)
-    trust(ctx, creds.bundle)
+    trust(ctx, creds.trust.roots)  # every trusted trust domain's; the verifier binds each root to its own
     _lib.SSL_CTX_set_verify(ctx._context, verify_mode, _verify_callback)
     ctx.set_verify_depth(MAX_INTERMEDIATES)
     return ctx

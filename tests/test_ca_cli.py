@@ -363,7 +363,8 @@ def test_revoke_shows_in_list_and_crl_and_verify(admin):
     listed = json.loads(run_ca("list", "--json", cwd=admin).stdout)
     assert {entry["serial"]: entry["status"] for entry in listed} == {web: "revoked", api: "valid"}
 
-    (crl,) = read_crls(admin / "ca-data" / "crl.pem")
+    crl, root_crl = read_crls(admin / "ca-data" / "crl.pem")  # the intermediate's, and the root's over it
+    assert len(root_crl) == 0
     intermediate = read_certificates(admin / "ca-data" / "intermediate.pem")[0]
     assert crl.is_signature_valid(intermediate.public_key())
     entry = crl.get_revoked_certificate_by_serial_number(int(web, 16))
@@ -431,11 +432,12 @@ def test_crl_writes_a_fresh_crl_to_out_and_state_dir(admin):
     before = read_crls(admin / "ca-data" / "crl.pem")[0]
     result = run_ca("crl", "--out", "current.crl", cwd=admin)
     assert result.returncode == 0, result.stderr
-    (crl,) = read_crls(admin / "current.crl")
+    crl, root_crl = read_crls(admin / "current.crl")
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     assert number > before.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     assert crl.next_update_utc is not None and crl.next_update_utc > crl.last_update_utc
-    assert read_crls(admin / "ca-data" / "crl.pem") == [crl]
+    assert root_crl.issuer == read_certificates(admin / "ca-data" / "root.pem")[0].subject
+    assert read_crls(admin / "ca-data" / "crl.pem") == [crl, root_crl]
 
 
 def test_crl_and_bundle_print_pem_to_stdout(admin, monkeypatch, capsys):

@@ -73,3 +73,21 @@ async def test_a_reset_closes_with_reason_null_and_counts_no_denial(decisions): 
     assert (line["level"], line["reason"], line["bytes_in"], line["bytes_out"]) == ("info", None, 5, 7)
     assert sample(decisions, "sidecar_bytes_total", listener="api", direction="outbound", flow="out") == 7
     assert sample(decisions, "sidecar_denials_total", listener="api", direction="outbound", reason=RESET) is None
+
+
+@pytest.mark.parametrize("reason", [reasons.REVOKED, reasons.UNTRUSTED_CA, reasons.EXPIRED, reasons.CRL_STALE])
+def test_a_refused_certificate_logs_what_it_claims_marked_unverified(decisions, authority, reason):
+    leaf = authority.issue("spiffe://example.org/ns/prod/sa/stolen").cert
+    decisions.denied(Conn("api", "inbound", peer_addr="10.0.3.7:48468"), reason, "refused", leaf=leaf)
+    (line,) = lines(decisions)
+    assert line["peer_id"] is None
+    assert line["claimed_id"] == "spiffe://example.org/ns/prod/sa/stolen"
+    assert line["claimed_serial"] == f"{leaf.serial_number:x}"
+    assert line["claimed_issuer"] == authority.intermediate.subject.rfc4514_string()
+
+
+def test_a_policy_refusal_of_a_verified_peer_logs_no_claim(decisions, authority):
+    leaf = authority.issue("spiffe://example.org/ns/prod/sa/api").cert
+    decisions.denied(OUTBOUND, reasons.SERVER_IDENTITY_MISMATCH, "not the one", peer_id=API, leaf=leaf)
+    (line,) = lines(decisions)
+    assert "claimed_id" not in line and line["peer_id"] == str(API)

@@ -9,18 +9,23 @@ from proxy.config.model import (
     Config,
     ConfigError,
     EgressConfig,
+    HandshakeLimits,
     IdentityConfig,
     InboundConfig,
     Limits,
     LogConfig,
     OutboundConfig,
     RenewConfig,
+    SyncConfig,
     Timeouts,
     TlsConfig,
+    TrustDomainConfig,
 )
 from proxy.config.schema import load_config, parse_config
 
 __all__ = [
-    "AdminConfig", "Config", "ConfigError", "EgressConfig", "IdentityConfig", "InboundConfig", "Limits", "LogConfig",
-    "OutboundConfig", "RenewConfig", "Timeouts", "TlsConfig", "load_config", "parse_config",
+    "AdminConfig", "Config", "ConfigError", "EgressConfig", "HandshakeLimits", "IdentityConfig", "InboundConfig",
+    "Limits", "LogConfig",
+    "OutboundConfig", "RenewConfig", "SyncConfig", "Timeouts", "TlsConfig", "TrustDomainConfig", "load_config",
+    "parse_config",
 ]

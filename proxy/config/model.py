@@ -10,6 +10,9 @@ from mtls.spiffe import PatternSet
 from proxy.egress_rules import EgressRule
 
 DEFAULT_RENEW_AT = 0.66
+DEFAULT_CRL_GRACE = 3600.0
+DEFAULT_SYNC_EVERY = 60.0
+CRL_STALE_MODES = ("refuse", "warn")
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,29 @@ class IdentityConfig:
     bundle: Path
     crl: Path | None
     renew: RenewConfig | None
+    crl_stale: str = "refuse"  # past next update + crl_grace: "refuse" new handshakes, or "warn" and count them
+    crl_grace: float = DEFAULT_CRL_GRACE  # seconds a CRL may be past its next update before crl_stale applies
+    sync: SyncConfig | None = None  # keep bundle and crl current from a ca serve
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """``identity.sync``: fetch the bundle and CRL from ``ca serve`` at ``url`` every ``every`` seconds."""
+
+    url: str
+    every: float = DEFAULT_SYNC_EVERY
+
+
+@dataclass(frozen=True)
+class TrustDomainConfig:
+    """``trust_domains.NAME``: a federated trust domain, its bundle file, and optionally the SPIFFE
+    bundle endpoint (``https_spiffe``) that keeps that file current."""
+
+    name: str
+    bundle: Path
+    endpoint: str | None = None  # https:// URL serving the bundle (ca serve's /v1/bundle)
+    endpoint_id: str | None = None  # the SPIFFE ID the endpoint must present (default spiffe://NAME/ca)
+    every: float | None = None  # seconds between fetches; None: the bundle's spiffe_refresh_hint
 
 
 @dataclass(frozen=True)
@@ -74,8 +100,25 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class HandshakeLimits:
+    """Unauthenticated connections, per inbound listener. When a bound is reached, the oldest connection
+    it bounds yields to the new one (closed, logged ``connection_limit``): an attacker's stalled
+    connections are always older than a good peer's, which completes in milliseconds."""
+
+    per_listener: int = 256  # handshakes in progress (ClientHello received, an OpenSSL object each)
+    per_source: int = 64  # unauthenticated connections from one source address, waiting or handshaking
+    waiting: int = 4096  # accepted connections whose first TLS record has not arrived yet (a few KiB each)
+
+
+@dataclass(frozen=True)
 class Limits:
+    """``max_connections`` counts established connections (authorized inbound, outbound from accept) over
+    all listeners; ``per_listener`` (None: no bound of its own) caps any one listener, so that a busy one
+    leaves room for the others. Handshakes in progress take no slot: ``handshakes`` bounds them."""
+
     max_connections: int = 10000
+    per_listener: int | None = None
+    handshakes: HandshakeLimits = HandshakeLimits()
 
 
 @dataclass(frozen=True)
@@ -106,6 +149,7 @@ class Config:
     source: Path  # the config file, as given to load_config / parse_config
     tls: TlsConfig = TlsConfig()
     egress: EgressConfig | None = None
+    trust_domains: tuple[TrustDomainConfig, ...] = ()  # federated trust domains, besides our own
 
 
 class ConfigError(Exception):

@@ -25,21 +25,29 @@ from urllib.parse import urlsplit
 
 from yaml.nodes import MappingNode, Node, SequenceNode
 
+from mtls.bundles import is_trust_domain
 from mtls.endpoints import Endpoint, is_dns_name, parse_endpoint
+from mtls.spiffe import InvalidSpiffeId, parse_spiffe_id
 from proxy.config.model import (
+    CRL_STALE_MODES,
+    DEFAULT_CRL_GRACE,
     DEFAULT_RENEW_AT,
+    DEFAULT_SYNC_EVERY,
     AdminConfig,
     Config,
     ConfigError,
     EgressConfig,
+    HandshakeLimits,
     IdentityConfig,
     InboundConfig,
     Limits,
     LogConfig,
     OutboundConfig,
     RenewConfig,
+    SyncConfig,
     Timeouts,
     TlsConfig,
+    TrustDomainConfig,
 )
 from proxy.config.yamlreader import (
     DocumentError,
@@ -47,6 +55,7 @@ from proxy.config.yamlreader import (
     Reader,
     compose,
     describe,
+    join,
     line_of,
     read_document,
     value_of,
@@ -112,14 +121,106 @@ def _read_config(r: Reader, root: MappingNode, source: Path) -> Config:
 
 def read_identity(r: Reader, node: Node, path: str) -> IdentityConfig | None:
     start = r.checkpoint()
-    fields = r.mapping(node, path, required=("cert", "key", "bundle"), optional=("crl", "renew"))
+    fields = r.mapping(
+        node, path, required=("cert", "key", "bundle"), optional=("crl", "renew", "crl_stale", "crl_grace", "sync")
+    )
     if fields is None:
         return None
-    files = {key: fields.read(key, r.file_path) for key in fields if key != "renew"}
+    files = {key: fields.read(key, r.file_path) for key in ("cert", "key", "bundle", "crl") if key in fields}
     renew = fields.read("renew", partial(_read_renew, r))
+    crl_stale = fields.read("crl_stale", partial(r.choice, allowed=CRL_STALE_MODES), "refuse")
+    crl_grace = fields.read("crl_grace", r.duration, DEFAULT_CRL_GRACE)
+    sync = fields.read("sync", partial(_read_sync, r))
     if r.failed_since(start):
         return None
-    return IdentityConfig(files["cert"], files["key"], files["bundle"], files.get("crl"), renew)
+    return IdentityConfig(
+        files["cert"], files["key"], files["bundle"], files.get("crl"), renew, crl_stale=crl_stale, crl_grace=crl_grace,
+        sync=sync,
+    )
+
+
+def _read_sync(r: Reader, node: Node, path: str) -> SyncConfig | None:
+    start = r.checkpoint()
+    fields = r.mapping(node, path, required=("url",), optional=("every",))
+    if fields is None or "url" not in fields:
+        return None
+    url = fields.read("url", partial(_service_url, r, "the CA service is authenticated by its SPIFFE ID over TLS"))
+    every = fields.read("every", partial(_interval, r), DEFAULT_SYNC_EVERY)
+    if r.failed_since(start):
+        return None
+    return SyncConfig(url, every)
+
+
+def _service_url(r: Reader, why: str, node: Node, path: str) -> str | None:
+    url = r.text(node, path)
+    if url is not None and not _is_https_url(url):
+        r.problem(node, path, f"{url!r} is not an https:// URL ({why})")
+        return None
+    return url
+
+
+def _interval(r: Reader, node: Node, path: str) -> float | None:
+    every = r.duration(node, path)
+    if every is not None and every < 1:
+        r.problem(node, path, f"{node.value} is too short; fetch at most once a second (e.g. 1m)")
+        return None
+    return every
+
+
+# --- trust domains ----------------------------------------------------------------------------
+
+
+def read_trust_domains(r: Reader, node: Node, path: str) -> tuple[TrustDomainConfig, ...] | None:
+    """``trust_domains: {TD: {bundle: FILE, endpoint: URL, endpoint_id: ID, every: DURATION}}``."""
+    if not isinstance(node, MappingNode):
+        r.problem(node, path, f"expected a mapping of trust domain -> {{bundle: FILE}}, got {describe(node)}")
+        return None
+    start = r.checkpoint()
+    found = []
+    for key_node, value_node in node.value:
+        name = written_scalar(key_node)
+        key_path = join(path, str(name))
+        if name is None or not is_trust_domain(name):
+            r.problem(key_node, key_path, f"{name!r} is not a trust domain name (e.g. partner.org)")
+            continue
+        if any(other.name == name for other in found):
+            r.problem(key_node, key_path, "duplicate trust domain")
+            continue
+        found.append(_read_trust_domain(r, name, value_node, key_path))
+    if r.failed_since(start) or None in found:
+        return None
+    return tuple(found)
+
+
+def _read_trust_domain(r: Reader, name: str, node: Node, path: str) -> TrustDomainConfig | None:
+    start = r.checkpoint()
+    fields = r.mapping(node, path, required=("bundle",), optional=("endpoint", "endpoint_id", "every"))
+    if fields is None:
+        return None
+    bundle = fields.read("bundle", r.file_path)
+    endpoint = fields.read("endpoint", partial(_service_url, r, "the https_spiffe profile authenticates it"))
+    endpoint_id = fields.read("endpoint_id", partial(_endpoint_id, r, name))
+    every = fields.read("every", partial(_interval, r))
+    if endpoint is None and (endpoint_id is not None or every is not None) and not r.failed_since(start):
+        r.problem(node, path, "endpoint_id and every go with endpoint (the URL the bundle is fetched from)")
+    if r.failed_since(start):
+        return None
+    return TrustDomainConfig(name, bundle, endpoint, endpoint_id, every)
+
+
+def _endpoint_id(r: Reader, trust_domain: str, node: Node, path: str) -> str | None:
+    text = r.text(node, path)
+    if text is None:
+        return None
+    try:
+        spiffe_id = parse_spiffe_id(text)
+    except InvalidSpiffeId as exc:
+        r.problem(node, path, str(exc))
+        return None
+    if spiffe_id.trust_domain != trust_domain:
+        r.problem(node, path, f"{text} is not in trust domain {trust_domain}, whose bundle the endpoint serves")
+        return None
+    return text
 
 
 def _read_renew(r: Reader, node: Node, path: str) -> RenewConfig | None:
@@ -260,11 +361,30 @@ def read_timeouts(r: Reader, node: Node, path: str) -> Timeouts | None:
 
 
 def read_limits(r: Reader, node: Node, path: str) -> Limits | None:
-    fields = r.mapping(node, path, optional=("max_connections",))
+    start = r.checkpoint()
+    fields = r.mapping(node, path, optional=("max_connections", "per_listener", "handshakes"))
     if fields is None:
         return None
-    max_connections = fields.read("max_connections", partial(_connection_count, r), Limits.max_connections)
-    return Limits(max_connections) if max_connections is not None else None
+    count = partial(_connection_count, r)
+    max_connections = fields.read("max_connections", count, Limits.max_connections)
+    per_listener = fields.read("per_listener", count)
+    handshakes = fields.read("handshakes", partial(_read_handshake_limits, r), HandshakeLimits())
+    if r.failed_since(start):
+        return None
+    return Limits(max_connections, per_listener, handshakes)
+
+
+def _read_handshake_limits(r: Reader, node: Node, path: str) -> HandshakeLimits | None:
+    start = r.checkpoint()
+    fields = r.mapping(node, path, optional=("per_listener", "per_source", "waiting"))
+    if fields is None:
+        return None
+    count = partial(_connection_count, r)
+    values = {key: fields.read(key, count, getattr(HandshakeLimits, key)) for key in ("per_listener", "per_source",
+                                                                                        "waiting")}
+    if r.failed_since(start):
+        return None
+    return HandshakeLimits(**values)
 
 
 def _connection_count(r: Reader, node: Node, path: str) -> int | None:
@@ -377,6 +497,7 @@ SECTIONS: dict[str, Section] = {
     "log": Section(read_log, absent=LogConfig()),
     "tls": Section(read_tls, absent=TlsConfig()),
     "egress": Section(read_egress),
+    "trust_domains": Section(read_trust_domains, absent=()),
 }
 
 

@@ -246,6 +246,7 @@ class Stream:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
         self.pushed = 0  # bytes sent and echoed back intact
         self.received = bytearray()  # echoed, not yet checked (the reader thread only appends)
+        self.ended = False  # the other end closed or reset the connection
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -255,11 +256,21 @@ class Stream:
                 self.received += data
         except OSError:
             pass
+        self.ended = True
 
     def push(self, step: int, size: int = 20_000) -> None:
+        """Send ``size`` bytes and wait for their echo; ConnectionError at once if the connection ends first."""
         chunk = bytes([step % 256]) * size
         self.sock.sendall(chunk)
-        wait_until(lambda: len(self.received) >= size, what=f"open connection echoes step {step}")
+
+        def echoed() -> bool:
+            if len(self.received) >= size:
+                return True
+            if self.ended:
+                raise ConnectionError(f"the connection ended before step {step} came back")
+            return False
+
+        wait_until(echoed, what=f"open connection echoes step {step}")
         assert self.received[:size] == chunk, f"step {step}: the echo differs"
         del self.received[:size]
         self.pushed += size
