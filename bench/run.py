@@ -26,7 +26,8 @@ from pathlib import Path
 import figures
 import report
 from procs import Child, raise_open_files
-from systems import SYSTEMS, HttpBackend, Pair, Sink, make_identities, tool
+from suites import negotiated_suite
+from systems import SUITES, SYSTEMS, HttpBackend, Pair, Sink, make_identities, tool
 
 BENCH_DIR = Path(__file__).resolve().parent
 SECTIONS = ("bulk", "conn", "latency", "memory")
@@ -115,6 +116,7 @@ class Bench:
         self.pairs: list[dict] = []
         self.systems: list = []
         self.versions: dict[str, str] = {}
+        self.suites: dict[str, str] = {}  # system -> the TLS 1.3 suite its pair negotiated
         self.source = "unknown"
         self.sections = list(args.only)
 
@@ -177,6 +179,10 @@ class Bench:
         if self.http:
             pair = Pair(system, self.identities, self.http.port, self.confdir, self.logdir, f"r{number}-http")
             try:
+                if pair.sides and system.name not in self.suites:
+                    self.suites[system.name] = negotiated_suite(
+                        system, self.identities, pair.server_port, self.confdir, self.logdir)
+                    say(f"  negotiated suite: {self.suites[system.name]}")
                 self.run_http(pair, system, number)
             finally:
                 self.finish_pair(pair, number, "http")
@@ -231,9 +237,11 @@ class Bench:
             "direct = no proxy at all (the ceiling of the load generator and backend).",
             "",
             "Versions: " + "; ".join(f"{k}: {v}" for k, v in self.versions.items()),
-            "Our sidecar prefers TLS_AES_128_GCM_SHA256 and checks the peer's SPIFFE ID against the port's rule; "
-            "stunnel and haproxy use OpenSSL's default order (TLS_AES_256_GCM_SHA384) and verify the chain only. "
-            "haproxy runs one thread per CPU, stunnel one thread per connection, our sidecar one event loop in one thread.",
+            f"Every pair is configured with the same TLS 1.3 suites, in this order: {SUITES}. Negotiated "
+            "(ServerHello seen on the wire between the two sides): "
+            + (", ".join(f"{name} {suite}" for name, suite in self.suites.items()) or "not probed") + ". "
+            "Our sidecar also checks the peer's SPIFFE ID against the port's rule; stunnel and haproxy verify the "
+            "chain only. haproxy runs one thread per CPU, stunnel one thread per connection, our sidecar one event loop in one thread.",
             "",
             "## Notes",
             "",
@@ -243,6 +251,7 @@ class Bench:
         (self.out / "results.md").write_text(text)
         (self.out / "results.json").write_text(json.dumps({
             "argv": sys.argv, "source": self.source, "machine": machine, "settings": settings, "versions": self.versions,
+            "suites": self.suites,
             "interrupted": interrupted, "summary": summary, "notes": self.notes, "problems": problems,
             "measurements": self.measurements, "pairs": self.pairs,
         }, indent=1) + "\n")

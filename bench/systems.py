@@ -22,11 +22,15 @@ from pathlib import Path
 
 from procs import Child, free_port, wait_listening
 
+from mtls.tlsio import TLS13_CIPHERSUITES
+
 TRUST_DOMAIN = "example.org"
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/web"
 SERVER_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/backend"
 BENCH_DIR = Path(__file__).resolve().parent
 LOADGEN = BENCH_DIR / "loadgen.py"
+# Every pair offers and prefers the TLS 1.3 suites in our sidecar's order, so no column wins by its cipher.
+SUITES = TLS13_CIPHERSUITES.decode()
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,7 @@ class Stunnel:
     def _config(self, path: Path, ident: Identity, role_lines: str) -> Side:
         path.write_text(
             "foreground = yes\npid =\ndebug = warning\n[bench]\n"
-            f"sslVersionMin = TLSv1.3\nverifyChain = yes\nrequireCert = yes\n"
+            f"sslVersionMin = TLSv1.3\nciphersuites = {SUITES}\nverifyChain = yes\nrequireCert = yes\n"
             f"CAfile = {ident.bundle}\ncert = {ident.cert}\nkey = {ident.key}\n{role_lines}"
         )
         return Side([self._binary(), str(path)])
@@ -191,13 +195,13 @@ class Haproxy:
         return self._config(workdir / "haproxy-client.cfg", (
             f"frontend plain_in\n    bind 127.0.0.1:{listen}\n    default_backend mtls_out\n"
             f"backend mtls_out\n    server upstream 127.0.0.1:{connect} ssl crt {ident.combined} "
-            f"ca-file {ident.bundle} verify required ssl-min-ver TLSv1.3 no-ssl-reuse\n"
+            f"ca-file {ident.bundle} verify required ssl-min-ver TLSv1.3 ciphersuites {SUITES} no-ssl-reuse\n"
         ))
 
     def server(self, ident: Identity, listen: int, forward: int, workdir: Path) -> Side:
         return self._config(workdir / "haproxy-server.cfg", (
             f"frontend mtls_in\n    bind 127.0.0.1:{listen} ssl crt {ident.combined} ca-file {ident.bundle} "
-            f"verify required ssl-min-ver TLSv1.3\n    default_backend plain_out\n"
+            f"verify required ssl-min-ver TLSv1.3 ciphersuites {SUITES}\n    default_backend plain_out\n"
             f"backend plain_out\n    server app 127.0.0.1:{forward}\n"
         ))
 
@@ -230,6 +234,7 @@ class Pair:
             self.entry = backend_port
             return
         server_port, client_port = free_port(), free_port()
+        self.server_port = server_port
         try:
             server = system.server(identities["server"], server_port, backend_port, workdir)
             self._start("server", server, server_port, logdir, tag)

@@ -19,11 +19,14 @@ IDENTITY_NOT_ALLOWED = "identity_not_allowed"
 SERVER_IDENTITY_MISMATCH = "server_identity_mismatch"
 HANDSHAKE_TIMEOUT = "handshake_timeout"
 HANDSHAKE_FAILED = "handshake_failed"
+PROTOCOL_ERROR = "protocol_error"
 UPSTREAM_UNREACHABLE = "upstream_unreachable"
 CONNECTION_LIMIT = "connection_limit"
 POLICY_REVOKED = "policy_revoked"
 IDLE_TIMEOUT = "idle_timeout"
 EGRESS_DENIED = "egress_denied"
+CRL_STALE = "crl_stale"
+PEER_EXPIRED = "peer_expired"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,8 @@ End of stream is forwarded as a half-close: a close_notify from the TLS peer bec
 ``shutdown(SHUT_WR)`` on the plaintext socket, and a plaintext EOF becomes our close_notify plus
 ``shutdown(SHUT_WR)``; the other direction keeps flowing. A reset (or a TLS stream cut without
 close_notify, which could be a truncation) on either side ends the relay with ``Reset``, and the
-caller aborts both sides with an RST. Idleness is timed by the sidecar's reaper, which reads
+caller aborts both sides with an RST. A record OpenSSL refuses ends it with ``ProtocolError``: OpenSSL
+has sent its fatal alert, and the caller lets the alert reach the peer before closing. Idleness is timed by the sidecar's reaper, which reads
 ``Link.last_activity``.
 
 Who closes what: ``relay`` registers the sockets with the reactor and always unregisters them
@@ -67,6 +68,12 @@ class Reset(Exception):
         self.side = side
         self.detail = detail
         self.alert = alert
+
+
+class ProtocolError(Reset):
+    """The TLS peer sent a record OpenSSL rejects (an illegal KeyUpdate, a record that fails to
+    decrypt). OpenSSL has already written its fatal alert to the socket, so the caller lets that
+    alert reach the peer (``TlsStream.linger_after_refusal``) instead of resetting the TLS side."""
 
 
 class Link:
@@ -247,7 +254,7 @@ class Relay:
             alert = alert_from_error(exc)
             if alert:
                 raise Reset("tls", f"remote sent alert {alert}", alert=alert)
-            raise Reset("tls", ssl_error_text(exc))
+            raise ProtocolError("tls", f"peer sent a record we refuse: {ssl_error_text(exc)}; fatal alert sent")
         return True
 
     def _write_tls(self, pointer, length: int) -> int:
