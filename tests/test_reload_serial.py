@@ -1,0 +1,92 @@
+"""Reloads run one at a time, and the requests made while one runs are answered by one more reload.
+
+In process, on a real Sidecar object (not serving) with a real `ca init` identity. The config file is
+made a named pipe, so the first reload waits in its worker thread until the test writes the config.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+import trio
+import trio.testing
+from support.ca_cli import issue, run_ca
+from support.certs import TD
+from support.processes import identity_yaml
+
+from mtls.events import EventLog
+from proxy.metrics import Metrics
+from proxy.sidecar import Sidecar
+from proxy.snapshot import load_snapshot
+
+pytestmark = pytest.mark.e2e  # each test runs `ca init` and `ca issue`
+
+
+async def test_requests_during_a_reload_are_coalesced_into_the_next_one(tmp_path):
+    ca_dir = tmp_path / "ca"
+    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
+    ident = issue(ca_dir, tmp_path / "api", f"spiffe://{TD}/ns/prod/sa/api")
+    text = identity_yaml(ident) + (
+        f"inbound:\n  - name: api\n    listen: 127.0.0.1:0\n    forward: 127.0.0.1:9\n    allow: [spiffe://{TD}/ns/a/*]\n"
+    )
+    config = tmp_path / "api.yaml"
+    config.write_text(text)
+    log = io.StringIO()
+    sidecar = Sidecar(config, load_snapshot(config), EventLog("info", "json", log), Metrics())
+    fifo = tmp_path / "api.fifo"
+    os.mkfifo(fifo)
+    os.replace(fifo, config)
+    results = {}
+
+    async def reload(trigger):
+        results[trigger] = await sidecar.reload(trigger)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reload, "first")
+        writer = None
+        with trio.fail_after(20):
+            while writer is None:  # until the first reload's worker has opened the pipe
+                try:
+                    writer = os.open(config, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:
+                    await trio.sleep(0.01)
+        nursery.start_soon(reload, "second")
+        nursery.start_soon(reload, "third")
+        await trio.testing.wait_all_tasks_blocked()
+        assert "reloaded" not in log.getvalue()
+        regular = tmp_path / "api.new"
+        regular.write_text(text)
+        os.replace(regular, config)  # the reloads after the first read a regular file
+        os.set_blocking(writer, True)
+        with open(writer, "wb", buffering=0) as pipe:
+            pipe.write(text.encode())
+
+    events = [json.loads(line) for line in log.getvalue().splitlines()]
+    assert [e["event"] for e in events] == ["reloaded", "reloaded"]
+    assert events[0]["trigger"] == "first"
+    assert sorted(events[1]["trigger"].split("; ")) == ["second", "third"]
+    assert results == {"first": True, "second": True, "third": True}
+
+
+async def test_an_unexpected_error_while_loading_fails_the_reload_and_keeps_the_last_good_state(tmp_path, monkeypatch):
+    ca_dir = tmp_path / "ca"
+    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
+    ident = issue(ca_dir, tmp_path / "api", f"spiffe://{TD}/ns/prod/sa/api")
+    config = tmp_path / "api.yaml"
+    config.write_text(identity_yaml(ident))
+    log = io.StringIO()
+    sidecar = Sidecar(config, load_snapshot(config), EventLog("info", "json", log), Metrics())
+    good = sidecar.snapshot
+
+    def broken_loader(path, previous=None):
+        raise RuntimeError("a library refused something we did not foresee")
+
+    monkeypatch.setattr("proxy.sidecar.load_snapshot", broken_loader)
+    assert await sidecar.reload("SIGHUP") is False
+    assert sidecar.snapshot is good
+    failed = [json.loads(line) for line in log.getvalue().splitlines()][-1]
+    assert failed["event"] == "reload_failed"
+    assert "RuntimeError: a library refused something we did not foresee" in failed["detail"]
