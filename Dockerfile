@@ -42,6 +42,27 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
 # Mount points, created here so the final stage needs no RUN (and so no shell) at all.
 RUN mkdir -p /rootfs/etc/sidecar /rootfs/run/identity
 
+# ---- egress-redirect: the one-shot `proxy redirect --apply` of the init container ------------------
+# The same venv plus nftables, which `proxy redirect` drives. Built apart from the sidecar's image:
+#   docker build --target egress-redirect -t mtls-sidecar-redirect:0.1.0 .
+# It runs once per pod with NET_ADMIN (the only container that has it), writes the rules and exits.
+FROM python:3.11.17-slim-bookworm AS egress-redirect
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends nftables=1.0.6-2+deb12u2 \
+    && rm -rf /var/lib/apt/lists/*
+
+COPY --from=builder /opt/venv /opt/venv
+ENV PATH="/opt/venv/bin:${PATH}" \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PROXY_CONFIG=/etc/sidecar/config.yaml
+# The pod gives it root for this one command (capabilities are granted to root only); the image itself
+# does not run as root.
+USER 65532:65532
+HEALTHCHECK NONE
+ENTRYPOINT ["proxy"]
+CMD ["redirect", "--print"]
+
 # ---- runtime: the interpreter from the same base, the venv, nothing else ---------------------------
 FROM python:3.11.17-slim-bookworm AS runtime
 

@@ -191,6 +191,17 @@ def test_runtime_stage_copies_only_the_venv_and_runs_nothing():
     assert not [args for keyword, args in runtime if keyword == "RUN"], "no RUN (so no shell) in the final stage"
 
 
+def test_egress_redirect_target_adds_nftables_and_is_what_the_init_container_runs():
+    """`proxy redirect --apply` drives nft: its image is a target of its own, never the default one."""
+    stages = {args.split()[-1]: stage for stage in _stages() for keyword, args in stage[:1]}
+    redirect = stages["egress-redirect"]
+    installs = " ".join(args for keyword, args in redirect if keyword == "RUN")
+    assert re.search(r"apt-get install .*\bnftables=\S+", installs), "nftables, version pinned"
+    assert _stages()[-1] is not redirect and "nftables" not in str(_stages()[-1]), "the sidecar image has no nft"
+    init = _web_pod()["initContainers"][0]
+    assert init["image"].split("/")[-1].startswith("mtls-sidecar-redirect:")
+
+
 def test_image_runs_as_numeric_non_root_user_with_proxy_entrypoint_and_healthcheck():
     runtime = dict(_stages()[-1])  # the last of each instruction wins, as in Docker
     user, _, group = runtime["USER"].partition(":")
