@@ -81,6 +81,17 @@ class Tracked:
         """The scope's deadline, the peer's certificate expiry, has come."""
         return self.expires_at is not None and trio.current_time() >= self.expires_at
 
+    def ending(self, reason: str | None, detail: str | None) -> tuple[str | None, str | None]:
+        """The reason and detail the close is logged with: a cut by a reload (policy_revoked), by the
+        idle reaper, or at the peer's expiry wins over how the relay itself ended."""
+        if self.revoked_detail is not None:
+            return reasons.POLICY_REVOKED, self.revoked_detail
+        if self.idle_detail is not None:
+            return reasons.IDLE_TIMEOUT, self.idle_detail
+        if self.peer_expired():
+            return reasons.PEER_EXPIRED, self.expiry_detail
+        return reason, detail
+
     def cut_at_expiry(self, check) -> None:
         """Make the first expiry on the peer's verified chain (its leaf alone when the session was resumed)
         this connection's deadline: trio cancels it then, no per-byte or periodic check."""
@@ -412,10 +423,5 @@ class Handlers:
                 detail = "drain timeout reached"
             raise
         finally:
-            if tracked.revoked_detail is not None:
-                reason, detail = reasons.POLICY_REVOKED, tracked.revoked_detail
-            elif tracked.idle_detail is not None:
-                reason, detail = reasons.IDLE_TIMEOUT, tracked.idle_detail
-            elif tracked.peer_expired():
-                reason, detail = reasons.PEER_EXPIRED, tracked.expiry_detail
+            reason, detail = tracked.ending(reason, detail)
             self.decisions.closed(tracked.conn, tracked.peer_id, link, trio.current_time() - started, reason, detail)

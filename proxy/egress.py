@@ -302,10 +302,7 @@ class Egress:
                 detail = "drain timeout reached"
             raise
         finally:
-            if tracked.revoked_detail is not None:
-                reason, detail = reasons.POLICY_REVOKED, tracked.revoked_detail
-            elif tracked.idle_detail is not None:
-                reason, detail = reasons.IDLE_TIMEOUT, tracked.idle_detail
+            reason, detail = tracked.ending(reason, detail)
             self.decisions.closed(tracked.conn, None, link, trio.current_time() - started, reason, detail)
 
 
