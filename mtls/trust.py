@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import MappingProxyType
 
 from cryptography import x509
@@ -39,6 +39,7 @@ from OpenSSL import crypto
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
+from mtls.durations import format_duration, roughly
 from mtls.reasons import EXPIRED, NOT_SVID, NOT_YET_VALID, REVOKED, UNTRUSTED_CA
 from mtls.spiffe import (
     CLIENT,
@@ -51,6 +52,7 @@ from mtls.spiffe import (
 )
 
 MAX_INTERMEDIATES = 4  # CA certificates between a leaf and its root
+DEFAULT_CRL_GRACE = timedelta(hours=1)  # how long past its next update a CRL is still relied on, everywhere
 
 # X509_V_FLAG_NO_CHECK_TIME from OpenSSL's x509_vfy.h; pyOpenSSL has no name for it.
 _NO_CHECK_TIME = 0x200000
@@ -156,6 +158,10 @@ class IssuerCrls:
     def issuer_name(self) -> str:
         return self.issuer.rfc4514_string()
 
+    def due_before(self, moment: datetime) -> bool:
+        """The CA's next update was due before ``moment`` (never, for a CRL with no next update)."""
+        return self.next_update is not None and self.next_update < moment
+
 
 class TrustStore:
     """The roots of each trust domain, and the CRLs bound to the CAs that signed them.
@@ -253,9 +259,22 @@ class TrustStore:
             trust_domain = self._domain_of_root.get(path[-1])
             issuers = [self._by_issuer.get((trust_domain, *self._key(ca))) for ca in path[1:]]
         for found in issuers:
-            if found is not None and found.next_update is not None and found.next_update < expired_before:
+            if found is not None and found.due_before(expired_before):
                 return found
         return None
+
+    def crl_stale(
+        self, path: Sequence[x509.Certificate] | None, now: datetime, grace: timedelta, *, source: object,
+        grace_setting: str,
+    ) -> str | None:
+        """The ``crl_stale`` verdict on a verified ``path`` at ``now``: the detail of the refusal when
+        the CRLs of an issuer on it (None: of any issuer) are past their next update by more than
+        ``grace``, else None. The sidecar's handshake, ``proxy check`` and ``ca verify`` all decide
+        with this; ``source`` (the CRL file) and ``grace_setting`` (what set the grace) are for the words."""
+        found = self.stale_crl(path, now - grace)
+        if found is None:
+            return None
+        return crl_stale_detail(found, now, grace, source=source, grace_setting=grace_setting)
 
     def revocations(self, path: Sequence[x509.Certificate]) -> list[Revoked]:
         """Every certificate of a verified ``path`` (leaf first) that a CRL of its own issuer lists."""
@@ -388,6 +407,19 @@ class TrustStore:
             _svid(leaf, role)  # raises, saying why
             raise VerifyError(NOT_SVID, "the certificate names no SPIFFE ID")
         return cls({trust_domain: roots}, crls=crls, authorities=authorities)
+
+
+def crl_stale_detail(
+    found: IssuerCrls, now: datetime, grace: timedelta, *, source: object, grace_setting: str
+) -> str:
+    """Why the CRLs ``found`` (past their next update by more than ``grace`` at ``now``) refuse new
+    handshakes: the one sentence every verifier gives for ``crl_stale``."""
+    due = found.next_update
+    return (
+        f"the CRL in {source} from '{found.issuer_name}' expired {roughly(now - due)} ago (next update was due at "
+        f"{_time(due)}, {grace_setting} is {format_duration(grace.total_seconds())}); without a current CRL a "
+        "revoked peer cannot be told apart: deliver a fresh CRL (ca crl)"
+    )
 
 
 # --- the path, by OpenSSL ------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """``proxy check -c FILE``: validate the config and the identity files it names, list every problem.
 
 For ``check``, anything ``expiry_warnings`` reports (a certificate expiring within 24 h, or in the last
-third of a shorter life; a stale CRL)
-is a problem too: the point of running it is to catch what would break soon.
+third of a shorter life) is a problem too: the point of running it is to catch what would break soon.
+A CRL past its next update is judged as the sidecar's handshake judges it (``crl_verdicts``): a
+problem when new handshakes would be refused ``crl_stale``, else a warning saying why they still pass.
 """
 
 from __future__ import annotations
@@ -12,20 +13,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
-from mtls.durations import roughly
+from mtls.durations import format_duration, roughly
 from proxy.capacity import (
     capacity_warnings,
     cgroup_memory_limit,
     descriptors_needed,
     memory_needed_kib,
 )
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError, IdentityConfig, load_config
 from proxy.credentials import (
     CredentialError,
     Credentials,
     expiry_warnings,
     load_credentials,
 )
+from proxy.tls import CrlFreshness
 
 
 def run_check(config_path: str | Path, *, now: datetime | None = None) -> tuple[bool, list[str]]:
@@ -44,6 +46,7 @@ def run_check(config_path: str | Path, *, now: datetime | None = None) -> tuple[
         problems.extend(exc.problems)
         identity = exc.identity
     creds = None
+    crl_warnings: list[str] = []
     if identity is not None:
         try:
             creds = load_credentials(identity, config.trust_domains if config else (), now=now)
@@ -51,12 +54,14 @@ def run_check(config_path: str | Path, *, now: datetime | None = None) -> tuple[
             problems.extend(exc.problems)
     if creds is not None:
         problems.extend(expiry_warnings(creds, now))
+        crl_problems, crl_warnings = crl_verdicts(identity, creds, now)
+        problems.extend(crl_problems)
         if config is not None:
             problems.extend(_rules_without_bundle(config, creds))
     if problems:
         return False, problems
     hard_open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # `proxy run` raises its soft limit to it
-    warnings = capacity_warnings(config, hard_open_files, cgroup_memory_limit())
+    warnings = capacity_warnings(config, hard_open_files, cgroup_memory_limit()) + crl_warnings
     warnings = [f"warning: {warning}" for warning in warnings]
     return True, _summary(config, creds, now, warnings)
 
@@ -73,6 +78,32 @@ def check_main(config_path: str | Path, out: TextIO, err: TextIO) -> int:
     count = f"{len(lines)} problem" + ("s" if len(lines) != 1 else "")
     print(f"check failed: {count} with {config_path}", file=err)
     return 1
+
+
+def crl_verdicts(identity: IdentityConfig, creds: Credentials, now: datetime) -> tuple[list[str], list[str]]:
+    """(problems, warnings): what new handshakes through the issuer of each loaded CRL past its next
+    update would get at ``now``, decided and worded as the sidecar's handshake does (``CrlFreshness``)."""
+    freshness = CrlFreshness.of(identity)
+    problems, warnings = [], []
+    for issuer in creds.trust.issuer_crls:
+        if not issuer.due_before(now):
+            continue
+        if not issuer.due_before(now - freshness.grace):
+            due = issuer.next_update
+            warnings.append(
+                f"{identity.crl}: the CRL from '{issuer.issuer_name}' is past its next update (due at "
+                f"{due:%Y-%m-%dT%H:%M:%SZ}, {roughly(now - due)} ago); within identity.crl_grace "
+                f"({format_duration(identity.crl_grace)}) handshakes still pass until "
+                f"{due + freshness.grace:%Y-%m-%dT%H:%M:%SZ}; deliver a fresh CRL (ca crl)"
+            )
+        elif freshness.refuse:
+            problems.append(f"new handshakes would be refused crl_stale: {freshness.detail(issuer, now)}")
+        else:
+            warnings.append(
+                "new handshakes would pass and be counted in sidecar_crl_stale_accepted_total (identity.crl_stale: "
+                f"warn): {freshness.detail(issuer, now)}"
+            )
+    return problems, warnings
 
 
 def _rules_without_bundle(config: Config, creds: Credentials) -> list[str]:

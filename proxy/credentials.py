@@ -195,7 +195,7 @@ def expiry_warnings(
     creds: Credentials, now: datetime | None = None, *, within: timedelta = EXPIRY_WARNING
 ) -> list[str]:
     """Things that will break soon: certificates expiring within ``within`` or their last third of life (or expired
-    since the load), trust roots in the bundle that expire, and CRLs whose next update is past."""
+    since the load), and trust roots in the bundle that expire. (What a stale CRL does: ``proxy.check``.)"""
     now = _utc(now)
     warnings = []
     for position, cert in enumerate(creds.cert_chain):
@@ -208,12 +208,6 @@ def expiry_warnings(
                                   "peers chaining to it will be refused; rotate the CA (ca rotate)")
         if warning:
             warnings.append(f"{creds.config.bundle}: {warning}")
-    for crl in creds.crls:
-        if crl.next_update_utc is not None and crl.next_update_utc < now:
-            warnings.append(
-                f"{creds.config.crl}: the CRL from {_name(crl.issuer)} is out of date (next update was due "
-                f"{_when(crl.next_update_utc)}, {roughly(now - crl.next_update_utc)} ago); fetch a fresh one (ca crl)"
-            )
     return warnings
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
@@ -190,8 +190,7 @@ def load_snapshot(config_path: Path, previous: Snapshot | None = None) -> Snapsh
         contexts = build_contexts(creds, lifetime)
     except Exception as exc:  # OpenSSL refusing a key or certificate we already validated
         raise StartupError([f"{config.identity.cert}: TLS setup failed: {exc}"]) from None
-    identity = config.identity
-    freshness = CrlFreshness(identity.crl, timedelta(seconds=identity.crl_grace), identity.crl_stale == "refuse")
+    freshness = CrlFreshness.of(config.identity)
     policies = {
         (INBOUND, lst.name): ListenerPolicy(
             CLIENT, partial(policy.authorize_client, lst.name, lst.allow), creds.trust, audit=lst.mode == "audit",

@@ -28,10 +28,19 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
 from mtls import reasons
-from mtls.durations import format_duration, roughly
 from mtls.spiffe import SpiffeId
 from mtls.tlsio import present, tls13_context, trust
-from mtls.trust import MAX_INTERMEDIATES, TrustStore, VerifyError, chain_of
+from mtls.trust import (
+    MAX_INTERMEDIATES,
+    IssuerCrls,
+    TrustStore,
+    VerifyError,
+    chain_of,
+    crl_stale_detail,
+)
+from proxy.config import IdentityConfig
+
+_GRACE_SETTING = "identity.crl_grace"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,19 +53,19 @@ class CrlFreshness:
     grace: timedelta = timedelta(hours=1)
     refuse: bool = True
 
+    @classmethod
+    def of(cls, identity: IdentityConfig) -> CrlFreshness:
+        """What ``identity.crl``, ``identity.crl_grace`` and ``identity.crl_stale`` ask for."""
+        return cls(identity.crl, timedelta(seconds=identity.crl_grace), identity.crl_stale == "refuse")
+
     def stale(self, trust: TrustStore, path: Sequence[x509.Certificate] | None, now: datetime) -> str | None:
         """Why the CRLs for ``path`` (None: any, for a resumed session) are too old to rely on at ``now``,
-        or None (one comparison while every CRL is fresh: ``TrustStore.stale_crl``)."""
-        found = trust.stale_crl(path, now - self.grace)
-        if found is None:
-            return None
-        due = found.next_update
-        return (
-            f"the CRL in {self.file} from '{found.issuer_name}' expired {roughly(now - due)} ago (next update "
-            f"was due at {due:%Y-%m-%dT%H:%M:%SZ}, identity.crl_grace is "
-            f"{format_duration(self.grace.total_seconds())}); without a current CRL a revoked peer cannot be told "
-            "apart: deliver a fresh CRL (ca crl)"
-        )
+        or None (one comparison while every CRL is fresh: ``TrustStore.crl_stale``)."""
+        return trust.crl_stale(path, now, self.grace, source=self.file, grace_setting=_GRACE_SETTING)
+
+    def detail(self, found: IssuerCrls, now: datetime) -> str:
+        """What ``stale`` says when it is the CRLs ``found`` that are too old."""
+        return crl_stale_detail(found, now, self.grace, source=self.file, grace_setting=_GRACE_SETTING)
 
 
 class PeerCheck:

@@ -433,16 +433,6 @@ def test_warns_that_a_loaded_certificate_has_since_expired(tmp_path, authority):
     assert f"our certificate for {WEB} expired at" in warning
 
 
-def test_warns_about_a_crl_past_its_next_update(tmp_path, authority):
-    crl = authority.crl(next_update=NOW + HOUR)
-    creds = load_credentials(identity_of(authority.write_identity(tmp_path, authority.issue(WEB), crl=crl)), now=NOW)
-
-    (warning,) = expiry_warnings(creds, NOW + 3 * HOUR)
-
-    assert warning.startswith(f"{creds.config.crl}: the CRL from 'CN=Test Intermediate CA' is out of date")
-    assert warning.endswith("2h ago); fetch a fresh one (ca crl)")
-
-
 def test_warns_about_a_trust_root_that_expired(tmp_path, authority):
     identity = good_identity(tmp_path, authority)
     creds = load_credentials(identity, now=NOW)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from mtls.endpoints import Endpoint
 from mtls.spiffe import PatternSet
+from mtls.trust import DEFAULT_CRL_GRACE as TRUST_DEFAULT_CRL_GRACE
 from proxy.egress_rules import EgressRule
 
 DEFAULT_RENEW_AT = 0.66
-DEFAULT_CRL_GRACE = 3600.0
+DEFAULT_CRL_GRACE = TRUST_DEFAULT_CRL_GRACE.total_seconds()
 DEFAULT_SYNC_EVERY = 60.0
 CRL_STALE_MODES = ("refuse", "warn")
 
