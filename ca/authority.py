@@ -335,9 +335,15 @@ class Issuer:
     def crl(
         self, revocations: Iterable[Revocation], *, number: int, now: datetime, validity: timedelta = CRL_LIFETIME
     ) -> x509.CertificateRevocationList:
-        """A CRL listing ``revocations``, valid until ``now + validity``."""
-        builder = (
-            x509.CertificateRevocationListBuilder()
+        """A CRL listing ``revocations``, valid until ``now + validity``.
+
+        Linear in the number of revocations: the entries go to the builder as one list.
+        (``add_revoked_certificate`` returns a new builder holding a copy of the list, so calling it
+        once per entry costs quadratic time: 11 s for 100,000 entries.)
+        """
+        entries = [_revoked_entry(revocation) for revocation in revocations]
+        return (
+            x509.CertificateRevocationListBuilder(revoked_certificates=entries)
             .issuer_name(self.cert.subject)
             .last_update(now - min(CLOCK_SKEW, validity))
             .next_update(now + validity)
@@ -346,15 +352,15 @@ class Issuer:
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(self.cert)),
                 critical=False,
             )
+            .sign(self.key, _signature_hash(self.key))
         )
-        for revocation in revocations:
-            entry = (
-                x509.RevokedCertificateBuilder()
-                .serial_number(revocation.serial)
-                .revocation_date(revocation.revoked_at)
-            )
-            if revocation.reason != "unspecified":  # RFC 5280 5.3.1: omit rather than say unspecified
-                reason = x509.CRLReason(x509.ReasonFlags(revocation.reason))
-                entry = entry.add_extension(reason, critical=False)
-            builder = builder.add_revoked_certificate(entry.build())
-        return builder.sign(self.key, _signature_hash(self.key))
+
+
+def _revoked_entry(revocation: Revocation) -> x509.RevokedCertificate:
+    entry = x509.RevokedCertificateBuilder().serial_number(revocation.serial).revocation_date(revocation.revoked_at)
+    if revocation.reason != "unspecified":  # RFC 5280 5.3.1: omit rather than say unspecified
+        entry = entry.add_extension(_CRL_REASONS[revocation.reason], critical=False)
+    return entry.build()
+
+
+_CRL_REASONS = {reason: x509.CRLReason(x509.ReasonFlags(reason)) for reason in REVOCATION_REASONS}

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +25,7 @@ from ca.authority import (
     format_time,
 )
 from ca.errors import CaError, InputError
-from ca.store import BUNDLE, CRL, INTERMEDIATE_CERT, ROOT_CERT, StateDir
+from ca.store import BUNDLE, CRL, EXPIRED, INTERMEDIATE_CERT, REVOKED, ROOT_CERT, VALID, Record, StateDir
 from ca.verify import CrlError, verify_svid_chain
 from mtls.bundles import (
     FORMATS,
@@ -40,7 +41,7 @@ from mtls.console import run_command
 from mtls.durations import parse_duration
 from mtls.files import write_atomically
 from mtls.spiffe import InvalidSpiffeId, parse_pattern
-from mtls.trust import VerifyError, claimed_trust_domain
+from mtls.trust import DEFAULT_CRL_GRACE, VerifyError, claimed_trust_domain
 
 DEFAULT_DIR = "ca-data"
 
@@ -126,13 +127,29 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--json", action="store_true", help="print a JSON object instead of text")
 
-    sub = command("list", _list, "list issued certificates and their status (valid, expired, revoked)")
+    sub = command(
+        "list", _list,
+        "list issued certificates and their status (valid, expired, revoked), oldest first, as the index is read",
+    )
     sub.add_argument("--json", action="store_true", help="print a JSON array")
+    sub.add_argument("--status", choices=(VALID, EXPIRED, REVOKED), help="only certificates of this status")
+    sub.add_argument(
+        "--id", dest="id_pattern", metavar="PATTERN",
+        help="only certificates of this SPIFFE ID, or of the IDs under a prefix: spiffe://TD/ns/prod/*",
+    )
 
     sub = command(
-        "revoke", _revoke, "revoke one certificate, or every valid certificate of an ID; updates crl.pem"
+        "revoke", _revoke,
+        "revoke one certificate, every valid certificate of an ID, or all that a file names; updates crl.pem",
     )
-    sub.add_argument("target", metavar="SERIAL|SPIFFE_ID", help="hex serial (as 'ca list' shows) or a SPIFFE ID")
+    sub.add_argument(
+        "target", nargs="?", metavar="SERIAL|SPIFFE_ID", help="hex serial (as 'ca list' shows) or a SPIFFE ID"
+    )
+    sub.add_argument(
+        "--from", dest="from_file", metavar="FILE",
+        help="revoke every serial or SPIFFE ID of FILE ('-': stdin), one per line, blank lines and # comments "
+        "skipped: in one transaction, with one new CRL; a bad line refuses the whole file",
+    )
     sub.add_argument("--reason", choices=REVOCATION_REASONS, default="unspecified", help="(default: %(default)s)")
 
     sub = command(
@@ -217,6 +234,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument(
         "--crl", type=Path, metavar="C", help="CRL of the leaf's issuer; a CRL that does not verify is an error"
+    )
+    sub.add_argument(
+        "--crl-grace", type=_duration, default=DEFAULT_CRL_GRACE, metavar="DURATION",
+        help="how long past its next update a CRL is still relied on, as the sidecar's identity.crl_grace; "
+        "later the verdict is crl_stale (default: %(default)s)",
     )
     sub.add_argument(
         "--expect",
@@ -363,23 +385,18 @@ def _issue(args: argparse.Namespace, now: datetime) -> int:
 
 
 def _list(args: argparse.Namespace, now: datetime) -> int:
-    records = _open_state(args).records()
-    if args.json:
-        _print_json(
-            [
-                {
-                    "serial": format_serial(record.serial),
-                    "spiffe_id": record.spiffe_id,
-                    "not_before": format_time(record.not_before),
-                    "not_after": format_time(record.not_after),
-                    "status": record.status(now),
-                    "revoked_at": format_time(record.revoked_at) if record.revoked_at else None,
-                    "reason": record.reason,
-                    "parent_serial": format_serial(record.parent_serial) if record.parent_serial else None,
-                }
-                for record in records
-            ]
-        )
+    try:
+        pattern = parse_pattern(args.id_pattern) if args.id_pattern is not None else None
+    except InvalidSpiffeId as exc:
+        raise InputError(f"--id: {exc}") from None
+    records = _open_state(args).stream_records(now=now, status=args.status, pattern=pattern)
+    if args.json:  # streamed, in the layout json.dumps(indent=2) gives the whole array
+        first = True
+        for record in records:
+            entry = textwrap.indent(json.dumps(_list_entry(record, now), indent=2), "  ")
+            sys.stdout.write(("[\n" if first else ",\n") + entry)
+            first = False
+        print("[]" if first else "\n]")
         return 0
     print(f"{'SERIAL':<40}  {'STATUS':<7}  {'NOT_AFTER':<20}  SPIFFE_ID")
     for record in records:
@@ -390,10 +407,34 @@ def _list(args: argparse.Namespace, now: datetime) -> int:
     return 0
 
 
+def _list_entry(record: Record, now: datetime) -> dict[str, str | None]:
+    return {
+        "serial": format_serial(record.serial),
+        "spiffe_id": record.spiffe_id,
+        "not_before": format_time(record.not_before),
+        "not_after": format_time(record.not_after),
+        "status": record.status(now),
+        "revoked_at": format_time(record.revoked_at) if record.revoked_at else None,
+        "reason": record.reason,
+        "parent_serial": format_serial(record.parent_serial) if record.parent_serial else None,
+    }
+
+
 def _revoke(args: argparse.Namespace, now: datetime) -> int:
-    result = revocation.revoke(
-        _open_state(args), args.target, reason=args.reason, now=now, passphrase=_passphrase(args)
-    )
+    if (args.target is None) == (args.from_file is None):
+        raise InputError("revoke: give either SERIAL|SPIFFE_ID or --from FILE")
+    state = _open_state(args)
+    if args.from_file is None:
+        result = revocation.revoke(state, args.target, reason=args.reason, now=now, passphrase=_passphrase(args))
+    else:
+        source = "stdin" if args.from_file == "-" else args.from_file
+        data = sys.stdin.buffer.read() if args.from_file == "-" else inspection.read_file(Path(source), "--from")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"--from {source}: not UTF-8 text (one serial or SPIFFE ID per line)") from None
+        targets = revocation.parse_target_lines(text, source, state.trust_domain)
+        result = revocation.revoke_targets(state, targets, reason=args.reason, now=now, passphrase=_passphrase(args))
     for record in result.newly_revoked:
         print(f"revoked {format_serial(record.serial)} {record.spiffe_id} ({args.reason})")
     for record in result.renewals:
@@ -559,7 +600,10 @@ def _verify(args: argparse.Namespace, now: datetime) -> int:
     bundles = _trust_bundles(args.bundle, leaf)
     crls = inspection.read_crls(args.crl) if args.crl is not None else []
     try:
-        result = verify_svid_chain(leaf, intermediates, bundles, now=now, crls=crls, allowed=allowed)
+        result = verify_svid_chain(
+            leaf, intermediates, bundles, now=now, crls=crls, crl_file=args.crl, crl_grace=args.crl_grace,
+            allowed=allowed,
+        )
     except VerifyError as exc:
         print(exc)
         return 1

@@ -12,7 +12,8 @@ used) see no other writer: SQLite takes ``BEGIN IMMEDIATE``; PostgreSQL takes th
 advisory lock ``WRITE_LOCK`` first thing, which serializes writers across every replica the same way.
 
 Schema: ``MIGRATIONS`` lists every version; meta ``schema_version`` records the one applied.
-``upgrade`` applies the missing steps in one write transaction and refuses an index newer than
+``upgrade`` applies the missing steps (SQL, then a step's ``fill`` for data SQL cannot compute,
+such as each certificate's issuer) in one write transaction and refuses an index newer than
 this program knows. An SQLite index made before versions existed counts as version 1 (no tokens
 table) or 2 (the release that added tokens).
 """
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 from urllib.parse import urlsplit, urlunsplit
+
+from cryptography import x509
 
 from ca.errors import CaError, InputError
 
@@ -59,6 +62,10 @@ class Transaction(Protocol):
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Cursor: ...
 
+    def stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Any]:
+        """The rows of one query, fetched a batch at a time (never the whole result in memory)."""
+        ...
+
     def savepoint(self, name: str): ...
 
 
@@ -68,6 +75,34 @@ class Migration:
     what: str
     sqlite: str  # SQL script for each engine ("" when a step has nothing to do there)
     postgresql: str
+    fill: Callable[[Transaction], None] | None = None  # then fills in what SQL alone cannot (both engines)
+
+
+def issuer_key(name: x509.Name) -> str:
+    """What column ``certs.issuer`` holds for a certificate issued by ``name``: its RFC 4514 string."""
+    return name.rfc4514_string()
+
+
+_FILL_BATCH = 1000
+
+
+def _fill_issuers(db: Transaction) -> None:
+    """Migration 5: read each recorded certificate's issuer once, so that no CRL has to parse them again."""
+    last = ""
+    while True:
+        rows = db.execute(
+            "SELECT serial, cert_pem FROM certs WHERE serial > ? ORDER BY serial LIMIT ?", (last, _FILL_BATCH)
+        ).fetchall()
+        if not rows:
+            return
+        db.executemany(
+            "UPDATE certs SET issuer = ? WHERE serial = ?",
+            [
+                (issuer_key(x509.load_pem_x509_certificate(row["cert_pem"].encode("ascii")).issuer), row["serial"])
+                for row in rows
+            ],
+        )
+        last = rows[-1]["serial"]
 
 
 MIGRATIONS = (
@@ -115,6 +150,19 @@ MIGRATIONS = (
         "the CA's shared files (certificates, encrypted keys, bundle, CRL), for replicas on PostgreSQL",
         "",
         "CREATE TABLE files (name TEXT PRIMARY KEY, data BYTEA NOT NULL);",
+    ),
+    Migration(
+        5,
+        "issuer: the issuing CA's name, and indexes of the revoked and of renewals, for CRLs and bulk revocation"
+        " without reading every certificate",
+        *(
+            """
+            ALTER TABLE certs ADD COLUMN issuer TEXT;
+            CREATE INDEX certs_revoked ON certs (issuer, revoked_at) WHERE revoked_at IS NOT NULL;
+            CREATE INDEX certs_by_parent ON certs (parent_serial) WHERE parent_serial IS NOT NULL;
+            """,
+        ) * 2,
+        fill=_fill_issuers,
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -177,6 +225,8 @@ class Index:
             script = step.sqlite if self.engine == SQLITE else step.postgresql
             for statement in filter(str.strip, script.split(";")):
                 db.execute(statement)
+            if step.fill is not None:
+                step.fill(db)
         if found < SCHEMA_VERSION:
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"

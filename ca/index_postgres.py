@@ -23,6 +23,7 @@ from ca.index import POSTGRESQL, Conflict, DatabaseUnavailable, Index
 
 WRITE_LOCK = 0x6D746C73  # "mtls": the advisory lock key every write transaction holds
 POOL_SIZE = 10  # ca serve runs at most 8 worker threads at once, plus its state watcher
+STREAM_BATCH = 250  # rows per round trip of PostgresTransaction.stream (about 1 KiB each in Python)
 CONNECT_TIMEOUT_S = 3.0  # how long a request waits for a connection before it is answered 503
 
 # The pool reports failed connection attempts through logging; ours are reported as DatabaseUnavailable.
@@ -46,6 +47,14 @@ class PostgresTransaction:
         cursor = self.conn.cursor()
         cursor.executemany(sql.replace("?", "%s"), rows)
         return cursor
+
+    def stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[dict[str, Any]]:
+        """A server-side cursor, read STREAM_BATCH rows at a time, in a read transaction of its own (or
+        the caller's)."""
+        with self.conn.transaction(), self.conn.cursor(name="ca_stream") as cursor:
+            cursor.itersize = STREAM_BATCH
+            cursor.execute(sql.replace("?", "%s"), params)
+            yield from cursor
 
     @contextmanager
     def savepoint(self, name: str) -> Iterator[None]:

@@ -29,6 +29,10 @@ class SqliteTransaction:
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> sqlite3.Cursor:
         return self.db.executemany(sql, rows)
 
+    def stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[sqlite3.Row]:
+        """SQLite steps through the result as it is read (one snapshot for the whole statement)."""
+        yield from self.db.execute(sql, params)
+
     @contextmanager
     def savepoint(self, name: str) -> Iterator[None]:
         """A nested transaction: an exception rolls back what it did, and the outer one stays usable."""

@@ -43,29 +43,77 @@ def parse_serial(text: str) -> int:
     return int(cleaned, 16)
 
 
+@dataclass(frozen=True)
+class Target:
+    """What one ``ca revoke`` argument (or one line of ``--from``) names: a serial, or a SPIFFE ID (every
+    valid certificate of it). ``where`` prefixes its errors (``FILE line 7: ``)."""
+
+    serial: int | None
+    spiffe_id: str | None
+    where: str = ""
+
+    @classmethod
+    def parse(cls, text: str, trust_domain: str, where: str = "") -> "Target":
+        if "://" in text or text.lower().startswith("spiffe:"):
+            return cls(None, str(id_in_trust_domain(text, trust_domain)), where)
+        return cls(parse_serial(text), None, where)
+
+
 def revoke(
     state: StateDir, target: str, *, reason: str, now: datetime, passphrase: bytes | None = None
 ) -> Revoked:
     """Revoke one serial, or every valid certificate of a SPIFFE ID, and rewrite DIR/crl.pem."""
-    by_id = "://" in target or target.lower().startswith("spiffe:")
-    serial = None if by_id else parse_serial(target)
-    spiffe_id = str(id_in_trust_domain(target, state.trust_domain)) if by_id else None
+    targets = [Target.parse(target, state.trust_domain)]
+    return revoke_targets(state, targets, reason=reason, now=now, passphrase=passphrase)
+
+
+def parse_target_lines(text: str, source: str, trust_domain: str) -> list[Target]:
+    """``ca revoke --from``: one serial or SPIFFE ID per line; blank lines and ``#`` comments are skipped.
+
+    The first bad line refuses the whole text (InputError naming ``source`` and the line number)."""
+    targets = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.split("#", 1)[0].strip()  # '#' is never part of a serial or a SPIFFE ID
+        if not entry:
+            continue
+        where = f"{source} line {number}: "
+        try:
+            targets.append(Target.parse(entry, trust_domain, where))
+        except CaError as exc:
+            raise type(exc)(f"{where}{exc}; nothing was revoked", code=exc.code) from None
+    if not targets:
+        raise InputError(f"{source} names no certificate (one serial or SPIFFE ID per line); nothing was revoked")
+    return targets
+
+
+def revoke_targets(
+    state: StateDir, targets: Sequence[Target], *, reason: str, now: datetime, passphrase: bytes | None = None
+) -> Revoked:
+    """Revoke everything ``targets`` name, in one index transaction that signs one set of CRLs.
+
+    A target that matches no certificate refuses them all (the transaction is rolled back)."""
     issuers = state.live_issuers(passphrase)  # a wrong passphrase is refused before the index changes
     with state.transaction() as db:
-        matched = StateDir.find(db, serial=serial, spiffe_id=spiffe_id)
-        if not matched:
-            what = f"was issued for {spiffe_id}" if by_id else f"has serial {format_serial(serial)}"
-            raise Refused(f"no certificate in {state.path} {what}")
-        if by_id:
-            chosen = [record for record in matched if record.status(now) == VALID]
-        else:
-            chosen = [record for record in matched if record.revoked_at is None]
-        untouched = [record for record in matched if record not in chosen]
-        renewals = _renewed_from(db, [record.serial for record in chosen])
+        chosen: dict[int, Record] = {}
+        matched_only: dict[int, Record] = {}
+        for target in targets:
+            matched = StateDir.find(db, serial=target.serial, spiffe_id=target.spiffe_id)
+            if not matched:
+                what = (
+                    f"was issued for {target.spiffe_id}" if target.serial is None
+                    else f"has serial {format_serial(target.serial)}"
+                )
+                refusal = f"{target.where}no certificate in {state.path} {what}"
+                raise Refused(refusal + "; nothing was revoked" if target.where else refusal)
+            for record in matched:
+                revocable = record.status(now) == VALID if target.serial is None else record.revoked_at is None
+                (chosen if revocable else matched_only)[record.serial] = record
+        untouched = [record for serial, record in matched_only.items() if serial not in chosen]
+        renewals = _renewed_from(db, list(chosen))
         if chosen:
-            StateDir.mark_revoked(db, [record.serial for record in chosen + renewals], at=now, reason=reason)
+            StateDir.mark_revoked(db, [*chosen, *(record.serial for record in renewals)], at=now, reason=reason)
             write_crls(state, db, issuers, now=now, passphrase=passphrase)
-    return Revoked(chosen, untouched, state.file(CRL), renewals)
+    return Revoked(list(chosen.values()), untouched, state.file(CRL), renewals)
 
 
 def _renewed_from(db, serials: list[int]) -> list[Record]:

@@ -40,7 +40,7 @@ import os
 import secrets
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
@@ -51,11 +51,20 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.authority import Issuer, PrivateKey, Revocation, format_serial, format_time
 from ca.errors import InputError, Refused
-from ca.index import POSTGRESQL, SCHEMA_VERSION, Conflict, Index, Transaction, engine_of
+from ca.index import (
+    POSTGRESQL,
+    SCHEMA_VERSION,
+    Conflict,
+    Index,
+    Transaction,
+    engine_of,
+    issuer_key,
+)
 from ca.index_postgres import PostgresIndex
 from ca.index_sqlite import SqliteIndex
 from ca.keycrypt import KDF_ROUNDS, encrypted_pkcs8_pem, kdf_rounds
 from mtls.files import KEY_MODE, PUBLIC_MODE, fsync_directory, write_atomically
+from mtls.spiffe import IdPattern
 
 DB_NAME = "ca.db"
 ROOT_CERT = "root.pem"
@@ -71,9 +80,12 @@ SHARED_FILES = (*CA_FILES, BUNDLE, CRL)  # plus generations/N/ of CA_FILES; in t
 VALID = "valid"
 EXPIRED = "expired"
 REVOKED = "revoked"
+_IN_LIST = 500  # values per SQL IN (...) list
 
 def _parse_time(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    """A time as ``format_time`` stored it (``2026-11-28T10:00:00Z``): aware, UTC. (fromisoformat: 30 times
+    faster than strptime, which was half the cost of reading 100,000 revocations for a CRL.)"""
+    return datetime.fromisoformat(text)
 
 
 @dataclass(frozen=True)
@@ -464,8 +476,8 @@ class StateDir:
         try:
             with db.savepoint("insert_cert"):
                 db.execute(
-                    "INSERT INTO certs (serial, spiffe_id, not_before, not_after, issued_at, cert_pem, parent_serial)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO certs (serial, spiffe_id, not_before, not_after, issued_at, cert_pem, parent_serial,"
+                    " issuer) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         format_serial(cert.serial_number),
                         spiffe_id,
@@ -474,6 +486,7 @@ class StateDir:
                         format_time(now),
                         cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
                         format_serial(parent_serial) if parent_serial is not None else None,
+                        issuer_key(cert.issuer),
                     ),
                 )
         except Conflict:
@@ -505,6 +518,35 @@ class StateDir:
             rows = db.execute("SELECT * FROM certs ORDER BY issued_at, rowid").fetchall()
         return [_record(row) for row in rows]
 
+    def stream_records(
+        self, *, now: datetime, status: str | None = None, pattern: IdPattern | None = None
+    ) -> Iterator[Record]:
+        """The records in issuing order, read from the index a batch at a time (``ca list``): only those
+        of ``status`` (as of ``now``) and of IDs ``pattern`` matches, when given."""
+        where, params = [], []
+        if status == REVOKED:
+            where.append("revoked_at IS NOT NULL")
+        elif status in (VALID, EXPIRED):
+            where.append("revoked_at IS NULL AND not_after " + (">= ?" if status == VALID else "< ?"))
+            params.append(format_time(now))
+        elif status is not None:
+            raise ValueError(f"unknown status {status!r}")
+        if pattern is not None and pattern.wildcard:
+            prefix = f"{pattern.base}/"
+            where.append("substr(spiffe_id, 1, ?) = ? AND length(spiffe_id) > ?")
+            params += [len(prefix), prefix, len(prefix)]
+        elif pattern is not None:
+            where.append("spiffe_id = ?")
+            params.append(str(pattern.base))
+        query = (
+            "SELECT serial, spiffe_id, not_before, not_after, issued_at, revoked_at, reason, parent_serial FROM certs"
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + " ORDER BY issued_at, rowid"
+        )
+        with self._connect() as db:
+            for row in db.stream(query, params):
+                yield _record(row)
+
     @staticmethod
     def find(db: Transaction, *, serial: int | None = None, spiffe_id: str | None = None) -> list[Record]:
         """The records of one serial, or of one SPIFFE ID (oldest first)."""
@@ -519,13 +561,15 @@ class StateDir:
     @staticmethod
     def renewals_of(db: Transaction, serials: list[int]) -> list[Record]:
         """The certificates renewed from any of ``serials`` (one generation of descendants)."""
-        if not serials:
-            return []
-        marks = ", ".join("?" * len(serials))
-        rows = db.execute(
-            f"SELECT * FROM certs WHERE parent_serial IN ({marks})", tuple(format_serial(serial) for serial in serials)
-        )
-        return [_record(row) for row in rows]
+        found = []
+        for start in range(0, len(serials), _IN_LIST):  # a bulk revocation's thousands, in bounded IN lists
+            chunk = serials[start : start + _IN_LIST]
+            rows = db.execute(
+                f"SELECT * FROM certs WHERE parent_serial IN ({', '.join('?' * len(chunk))})",
+                tuple(format_serial(serial) for serial in chunk),
+            )
+            found += [_record(row) for row in rows]
+        return found
 
     @staticmethod
     def mark_revoked(db: Transaction, serials: list[int], *, at: datetime, reason: str) -> None:
@@ -541,18 +585,15 @@ class StateDir:
         """Revoked certificates that have not expired yet: the ones a CRL must list.
 
         With ``issuer``, only those that CA issued (a CRL speaks for its own issuer's certificates).
+        Read from columns alone (index ``certs_revoked``): no certificate is parsed.
         """
-        rows = db.execute(
-            "SELECT serial, revoked_at, reason, cert_pem FROM certs"
-            " WHERE revoked_at IS NOT NULL AND not_after >= ? ORDER BY revoked_at, rowid",
-            (format_time(now),),
-        )
-        return [
-            Revocation(int(row["serial"], 16), _parse_time(row["revoked_at"]), row["reason"])
-            for row in rows
-            if issuer is None
-            or x509.load_pem_x509_certificate(row["cert_pem"].encode("ascii")).issuer == issuer
-        ]
+        query = "SELECT serial, revoked_at, reason FROM certs WHERE revoked_at IS NOT NULL AND not_after >= ?"
+        params: tuple[str, ...] = (format_time(now),)
+        if issuer is not None:
+            query += " AND issuer = ?"
+            params += (issuer_key(issuer),)
+        rows = db.execute(query + " ORDER BY revoked_at, rowid", params)
+        return [Revocation(int(row["serial"], 16), _parse_time(row["revoked_at"]), row["reason"]) for row in rows]
 
     @staticmethod
     def next_crl_number(db: Transaction) -> int:
