@@ -1,29 +1,38 @@
 """Two `ca serve` replicas on one real PostgreSQL, each with a state directory of its own (a second machine
 starts from an empty one), plus admins running `ca` at the same time: no duplicate serial, one token buys
 one certificate, no revocation lost, the same CRL everywhere, CRL numbers only increase, a rotation reaches
-every replica without a restart, and a database restart is a clear 503 followed by recovery."""
+every replica without a restart, a database restart is a clear 503 followed by recovery, and a replica
+killed mid-request leaves no partial record."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import psycopg
 import pytest
 from cryptography import x509
 from support.ca_cli import ca_env, run_ca
 from support.certs import TD
 from support.polling import DEADLINE, wait_until
 from support.processes import CaService
-from test_ca_serve import csr_for, enroll_body, error_of, post
+from test_ca_serve import csr_for, enroll_body, error_of, post, uri_of
 
-from ca import inspection, issuance
+from ca import enrollment, inspection, issuance
+from ca.authority import format_serial, format_time
+from ca.enrollment import hash_token
 from ca.store import StateDir
 
 pytestmark = pytest.mark.e2e
+
+TD_ENROLL = f"spiffe://{TD}/ns/enroll/sa/"
 
 
 def _now() -> datetime:
@@ -211,3 +220,95 @@ def test_a_database_restart_is_a_503_with_a_reason_then_replicas_recover(fleet, 
     for replica in fleet.replicas:
         refused = [e for e in replica.requests() if e["status"] == 503]
         assert all(e["reason"] == "database_unavailable" and "unavailable" in e["detail"] for e in refused)
+
+
+def test_a_replica_killed_mid_request_leaves_no_partial_record(fleet, postgres):
+    """SIGKILL a replica while a dozen renewals and enrollments are in flight against it, at a moment
+    PostgreSQL shows its transactions open: what it committed is complete, what it did not left no trace
+    (no token used without its certificate, no enrolled certificate without its token consumed), and the
+    other replicas go on serving, including the tokens the dead one never redeemed."""
+    victim = CaService(fleet.root / "victim", fleet.root, db=f"{fleet.url}?application_name=victim")
+    fleet.replicas.append(victim)
+    idents = fleet.identities(6, "busy")
+    tokens = {
+        enrollment.create_token(fleet.state, f"{TD_ENROLL}e{i}", ttl=timedelta(hours=1), now=_now()).token: i
+        for i in range(48)
+    }
+    unspent = list(tokens)
+    spending = threading.Lock()
+    stop = threading.Event()
+    killed_at = [float("inf")]
+    outcomes: list[tuple[str, str, int | None]] = []  # (kind, "issued" | "cut" | error code, serial)
+
+    def load(worker: int) -> None:
+        while not stop.is_set():
+            with spending:
+                token = unspent.pop() if unspent and worker % 2 else None
+            started = time.monotonic()
+            try:
+                if token is None:
+                    status, body, _ = post(victim, "/v1/renew", csr_for()[1], ident=idents[worker % len(idents)])
+                else:
+                    status, body, _ = post(victim, "/v1/enroll", enroll_body(token, csr_for()[1]),
+                                           content_type="application/json")
+            except (OSError, http.client.HTTPException):  # the replica died under this request
+                if started < killed_at[0]:
+                    outcomes.append(("enroll" if token else "renew", "cut", None))
+                return
+            serial = x509.load_pem_x509_certificates(body)[0].serial_number if status == 200 else None
+            outcomes.append(("enroll" if token else "renew", "issued" if status == 200 else error_of(body), serial))
+
+    def open_transactions(admin: psycopg.Connection) -> int:
+        return admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'victim' AND xact_start IS NOT NULL"
+        ).fetchone()[0]
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: sum(1 for o in outcomes if o[1] == "issued") >= 12, DEADLINE, "renewals and enrollments")
+        with psycopg.connect(postgres.url(), autocommit=True) as admin:
+            wait_until(lambda: open_transactions(admin), DEADLINE, "the replica inside a transaction")
+            killed_at[0] = time.monotonic()
+            victim.signal(signal.SIGKILL)
+        victim.proc.wait(DEADLINE)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(DEADLINE)
+    assert {reason for _, reason, _ in outcomes} <= {"issued", "cut"}, outcomes
+    assert any(reason == "cut" for _, reason, _ in outcomes), "no request was in flight when the replica died"
+
+    # Every record is whole: its PEM parses, and says what the row says.
+    with fleet.state.index.reading() as db:
+        rows = db.execute("SELECT * FROM certs").fetchall()
+        used = {row["token_hash"]: row for row in db.execute("SELECT * FROM tokens WHERE used_at IS NOT NULL")}
+    by_serial = {}
+    for row in rows:
+        cert = x509.load_pem_x509_certificate(row["cert_pem"].encode("ascii"))
+        assert format_serial(cert.serial_number) == row["serial"]
+        assert uri_of(cert) == row["spiffe_id"]
+        assert format_time(cert.not_valid_after_utc) == row["not_after"]
+        by_serial[row["serial"]] = row
+    issued = {serial for _, reason, serial in outcomes if reason == "issued"}
+    assert {format_serial(serial) for serial in issued} <= set(by_serial)
+    # Renewals point at the certificate they renewed; enrolled certificates and used tokens pair up one to one.
+    assert all(row["parent_serial"] in by_serial for row in rows if row["parent_serial"])
+    enrolled = {row["serial"]: row["spiffe_id"] for row in rows if row["spiffe_id"].startswith(TD_ENROLL)}
+    assert {token["used_serial"]: token["spiffe_id"] for token in used.values()} == enrolled
+    assert len(enrolled) >= sum(1 for kind, reason, _ in outcomes if (kind, reason) == ("enroll", "issued"))
+
+    # The others go on: every workload renews there, every token the dead replica did not redeem still works.
+    survivor = fleet.replicas[0]
+    for ident in idents:
+        status, body, _ = post(survivor, "/v1/renew", csr_for()[1], ident=ident)
+        assert status == 200, body
+    for token in tokens:
+        if hash_token(token) not in used:
+            status, body, _ = post(survivor, "/v1/enroll", enroll_body(token, csr_for()[1]),
+                                   content_type="application/json")
+            assert status == 200, body
+    # The server saw the connections cut (EOF inside a transaction, or a reset when replies were unread).
+    server_log = postgres.log.read_text()
+    assert "open transaction" in server_log or "Connection reset by peer" in server_log, server_log
