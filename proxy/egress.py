@@ -17,10 +17,13 @@ listener; the connection's original destination is read back with ``SO_ORIGINAL_
    server's SPIFFE ID exactly as an ``outbound:`` listener does (``Handlers.originate``).
    Otherwise the bytes pass through unchanged, the peeked ClientHello first.
 
-DNS names in rules are resolved when the rules are loaded and every ``DNS_REFRESH`` seconds after
-(the stdlib resolver does not tell a record's TTL, so the refresh interval stands in for it); an
-address stays ours for ``DNS_KEEP`` seconds after an answer last named it, so an app that resolved
-a name a moment before us (round-robin DNS) still matches.
+DNS names in rules are resolved by ``Resolver``: by DNS (dnspython, the nameservers of
+/etc/resolv.conf) when possible, so that each name is asked again when its answer's TTL runs out
+and an address keeps matching until its TTL (plus ``DNS_GRACE``) has passed since an answer last
+named it. dnspython does not read /etc/hosts: a name listed there, or one no nameserver answers
+for, is resolved by the system resolver, which tells no TTL; ``SYSTEM_REFRESH`` and
+``SYSTEM_KEEP`` stand in for it there. An address kept past the answer that named it serves an app
+that resolved the name a moment before us (round-robin DNS).
 
 A reload swaps the rules; ``revoke_disallowed`` then closes the open connections whose
 destination the new rules no longer admit (``policy_revoked``).
@@ -35,8 +38,14 @@ import errno
 import ipaddress
 import socket
 import struct
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.resolver
 import trio
 
 from mtls import reasons
@@ -64,8 +73,14 @@ from proxy.snapshot import EGRESS, Snapshot
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, on SOL_IP
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h, on SOL_IPV6
-DNS_REFRESH = 30.0
-DNS_KEEP = 300.0
+HOSTS_FILE = "/etc/hosts"
+DNS_TTL_FLOOR = 1.0  # a name is asked again no sooner than this after an answer (a TTL of 0 would spin)
+DNS_TTL_CAP = 300.0  # ... and no later than this, however long its TTL
+DNS_GRACE = 2.0  # an address matches this long past its TTL: the app looks the name up, then connects
+DNS_LIFETIME = 5.0  # how long one DNS resolution may wait for the nameservers
+DNS_RETRY = 5.0  # after a name got no address (DNS said none, or no resolver answered)
+SYSTEM_REFRESH = 30.0  # a name the system resolver answers for (no TTL told) is asked again this often
+SYSTEM_KEEP = 300.0  # ... and an address it gave is kept this long after it last named it
 DNS_FIRST_WAIT = 5.0  # at start-up, how long the listener waits for the rules' names to resolve
 AUDIT_HELLO_WAIT = 0.5  # audit mode looks this long for a ClientHello to name the SNI a rule would need
 _CHUNK = 64 * 1024
@@ -83,69 +98,158 @@ def original_destination(sock: socket.socket) -> tuple[IPAddress, int]:
     return ipaddress.IPv4Address(raw[4:8]), port
 
 
-class Resolver:
-    """The addresses of the DNS names in ``egress.allow``, refreshed in the background."""
+@dataclass(eq=False)
+class _Followed:
+    """One DNS name of the rules as the resolver follows it."""
 
-    def __init__(self, log: EventLog):
+    until: dict[IPAddress, float] = field(default_factory=dict)  # address -> trio time it stops matching
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    tried: trio.Event = field(default_factory=trio.Event)  # set when the first resolution has ended
+    problem: str | None = None  # the kind of the current failure, so that each kind is logged once
+
+
+class Resolver:
+    """The addresses of the DNS names in ``egress.allow``, each name re-resolved as its TTL runs out.
+
+    ``nameservers``: (address, port) pairs to ask instead of those of /etc/resolv.conf; an empty
+    list leaves every name to the system resolver."""
+
+    def __init__(self, log: EventLog, nameservers: Sequence[tuple[str, int]] | None = None):
         self.log = log
         self.names: frozenset[str] = frozenset()
-        self._seen: dict[str, dict[IPAddress, float]] = {}  # name -> address -> trio time last named
-        self.addresses: dict[str, frozenset[IPAddress]] = {}
+        self.addresses: dict[str, frozenset[IPAddress]] = {}  # replaced, never changed in place
+        self._dns = _dns_resolver(nameservers)
+        self._followed: dict[str, _Followed] = {}
         self._wakeup = trio.Event()
 
     def set_rules(self, rules: tuple[EgressRule, ...]) -> None:
         """Resolve these rules' names from now on (at once, if any is new)."""
-        names = frozenset(rule.to.name for rule in rules if rule.to.name is not None)
-        if names - self.names:
-            self._wakeup.set()
-        self.names = names
+        self.names = frozenset(rule.to.name for rule in rules if rule.to.name is not None)
+        self.addresses = {name: ips for name, ips in self.addresses.items() if name in self.names}
+        self._wakeup.set()
 
     def names_for(self, ip: IPAddress) -> tuple[str, ...]:
         return tuple(sorted(name for name, ips in self.addresses.items() if ip in ips))
 
-    async def refresh(self) -> None:
-        """Resolve every name at once; the answers that came in count even if this is cancelled."""
-        try:
-            async with trio.open_nursery() as nursery:
-                for name in self.names:
-                    nursery.start_soon(self._resolve, name)
-        finally:
-            self._publish()
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Follow every name; report started once each was resolved once (waiting DNS_FIRST_WAIT
+        at most), then follow the names reloads add, and drop those they remove."""
+        async with trio.open_nursery() as nursery:
+            self._follow_names(nursery)
+            with trio.move_on_after(DNS_FIRST_WAIT) as first:
+                for followed in list(self._followed.values()):
+                    await followed.tried.wait()
+            if first.cancelled_caught:
+                self.log.emit("warning", "dns_slow", detail=f"not every egress.allow name resolved within "
+                              f"{DNS_FIRST_WAIT:g}s; rules naming them match once they do")
+            task_status.started()
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                self._follow_names(nursery)
 
-    def _publish(self) -> None:
+    def _follow_names(self, nursery: trio.Nursery) -> None:
+        for name, followed in list(self._followed.items()):
+            if name not in self.names:
+                self._followed.pop(name).scope.cancel()
+            else:
+                self._publish(name, followed)  # back, if a reload removed it and the next added it again
+        for name in self.names - self._followed.keys():
+            followed = self._followed[name] = _Followed()
+            nursery.start_soon(self._follow, name, followed)
+
+    async def _follow(self, name: str, followed: _Followed) -> None:
+        """Resolve ``name`` whenever its answer runs out; in between, drop each address as it expires."""
+        with followed.scope:
+            while True:
+                ask_again = await self._resolve(name, followed)
+                followed.tried.set()
+                self._publish(name, followed)
+                while trio.current_time() < ask_again:
+                    await trio.sleep_until(min([ask_again, *followed.until.values()]))
+                    self._publish(name, followed)
+
+    def _publish(self, name: str, followed: _Followed) -> None:
+        if self._followed.get(name) is not followed:
+            return  # a reload removed the name meanwhile
         now = trio.current_time()
-        self._seen = {name: self._seen.get(name, {}) for name in self.names}
-        self.addresses = {
-            name: frozenset(ip for ip, seen in seen_at.items() if now - seen <= DNS_KEEP)
-            for name, seen_at in self._seen.items()
-        }
+        followed.until = {ip: until for ip, until in followed.until.items() if until > now}
+        self.addresses = {**self.addresses, name: frozenset(followed.until)}
 
-    async def _resolve(self, name: str) -> None:
+    async def _resolve(self, name: str, followed: _Followed) -> float:
+        """Ask for ``name``'s addresses and note until when each matches; returns when to ask again."""
+        if self._dns is None or name in await _hosts_names():
+            return await self._ask_system(name, followed, dns_problem=None)
+        try:
+            answers = await self._dns.resolve_name(name, search=True, lifetime=DNS_LIFETIME)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer) as exc:
+            self._failed(name, followed, "no_address", str(exc), action=(
+                f"keeping each of its last addresses until its TTL runs out; asking again every {DNS_RETRY:g}s"))
+            return trio.current_time() + DNS_RETRY
+        except (dns.exception.DNSException, OSError) as exc:  # no nameserver answered, or none usefully
+            return await self._ask_system(name, followed, dns_problem=str(exc))
+        followed.problem = None
+        now = trio.current_time()
+        ttls = []
+        for answer in answers.values():  # A and AAAA, those that have records
+            ttl = answer.chaining_result.minimum_ttl  # the shortest TTL along the CNAME chain, if any
+            ttls.append(ttl)
+            for record in answer:
+                followed.until[ipaddress.ip_address(record.address)] = now + max(ttl, DNS_TTL_FLOOR) + DNS_GRACE
+        return now + min(max(min(ttls), DNS_TTL_FLOOR), DNS_TTL_CAP)
+
+    async def _ask_system(self, name: str, followed: _Followed, dns_problem: str | None) -> float:
+        """The stdlib resolver (/etc/hosts, then the nameservers, as the C library does). It tells
+        no TTL: the name is asked again in SYSTEM_REFRESH, an address kept SYSTEM_KEEP."""
         try:
             infos = await trio.socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
         except OSError as exc:
-            self.log.emit("warning", "dns_failed", name=name, detail=str(exc),
-                          action=f"keeping its last addresses for up to {DNS_KEEP:g}s")
-            return
+            detail = str(exc) if dns_problem is None else f"{dns_problem}; then the system resolver: {exc}"
+            self._failed(name, followed, "failed", detail, action=(
+                f"keeping each of its last addresses until it expires; asking again every {DNS_RETRY:g}s"))
+            return trio.current_time() + DNS_RETRY
+        if dns_problem is None:
+            followed.problem = None
+        else:
+            self._failed(name, followed, "fallback", dns_problem, action=(
+                f"resolved it with the system resolver (no TTL: asking again every {SYSTEM_REFRESH:g}s, "
+                f"keeping an address {SYSTEM_KEEP:g}s) until DNS answers again"))
         now = trio.current_time()
-        seen = self._seen.setdefault(name, {})
         for info in infos:
-            seen[ipaddress.ip_address(info[4][0])] = now
+            followed.until[ipaddress.ip_address(info[4][0])] = now + SYSTEM_KEEP
+        return now + SYSTEM_REFRESH
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Resolve now (waiting DNS_FIRST_WAIT at most), report started, then resolve again every
-        DNS_REFRESH seconds or as soon as a reload adds names."""
-        with trio.move_on_after(DNS_FIRST_WAIT) as first:
-            await self.refresh()
-        if first.cancelled_caught:
-            self.log.emit("warning", "dns_slow", detail=f"not every egress.allow name resolved within "
-                          f"{DNS_FIRST_WAIT:g}s; rules naming them match once they do")
-        task_status.started()
-        while True:
-            with trio.move_on_after(DNS_REFRESH):
-                await self._wakeup.wait()
-            self._wakeup = trio.Event()
-            await self.refresh()
+    def _failed(self, name: str, followed: _Followed, kind: str, detail: str, action: str) -> None:
+        """Log ``dns_failed`` when a name starts failing this way; a failure repeating is not news."""
+        if followed.problem != kind:
+            self.log.emit("warning", "dns_failed", name=name, detail=detail, action=action)
+        followed.problem = kind
+
+
+def _dns_resolver(nameservers: Sequence[tuple[str, int]] | None) -> dns.asyncresolver.Resolver | None:
+    """A DNS resolver asking ``nameservers``, or those of /etc/resolv.conf (with its search list);
+    None when there are none: then the system resolver answers for every name."""
+    if nameservers is None:
+        try:
+            return dns.asyncresolver.Resolver()
+        except (dns.resolver.NoResolverConfiguration, ValueError):  # no nameserver, or none readable
+            return None
+    if not nameservers:
+        return None
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in nameservers]
+    resolver.domain = dns.name.root  # no search domain guessed from the host name
+    return resolver
+
+
+async def _hosts_names() -> frozenset[str]:
+    """The names /etc/hosts gives addresses to, in lower case (re-read each time: it is small)."""
+    try:
+        text = await trio.Path(HOSTS_FILE).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    return frozenset(name.lower().rstrip(".") for line in text.splitlines()
+                     for name in line.split("#", 1)[0].split()[1:])
 
 
 @dataclass

@@ -1,9 +1,8 @@
 """The egress listener's I/O helpers: peeking at the app's ClientHello (the bytes stay in the socket, a slow
-hello is awaited, a missing one times out) and the resolver of the rules' DNS names."""
+hello is awaited, a missing one times out). The resolver of the rules' DNS names: tests/test_egress_dns.py."""
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import socket
 
@@ -11,9 +10,8 @@ import trio
 import trio.testing
 from support.network import client_hello
 
-from mtls.events import EventLog
-from proxy.egress import DNS_KEEP, DNS_REFRESH, Resolver, _peek_hello
-from proxy.egress_rules import Attempt, parse_destination
+from proxy.egress import _peek_hello
+from proxy.egress_rules import Attempt
 
 ATTEMPT = Attempt(ipaddress.ip_address("203.0.113.10"), 443)
 
@@ -69,61 +67,3 @@ async def test_app_that_closes_mid_hello_is_reported_without_waiting_out_the_tim
         with trio.fail_after(2):
             found = await _peek_hello(sidecar, ATTEMPT, timeout=30)
         assert "closed the connection" in found.hello_problem
-
-
-class FakeDns(trio.abc.HostnameResolver):
-    """Answers from a dict the test changes; a name missing from it fails like NXDOMAIN."""
-
-    def __init__(self, answers: dict[str, list[str]]):
-        self.answers = answers
-
-    async def getaddrinfo(self, host, port, family=0, type=0, proto=0, flags=0):
-        host = host.decode() if isinstance(host, bytes) else host  # trio hands over the IDNA-encoded name
-        if host not in self.answers:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, 0)) for ip in self.answers[host]]
-
-    async def getnameinfo(self, sockaddr, flags):
-        raise NotImplementedError
-
-
-def rules(*names: str):
-    from proxy.egress_rules import EgressRule
-    return tuple(EgressRule(i, parse_destination(f"{name}:443")) for i, name in enumerate(names))
-
-
-async def test_resolver_keeps_an_address_for_a_while_after_dns_stops_naming_it(autojump_clock):
-    dns = FakeDns({"api.example": ["192.0.2.1"]})
-    trio.socket.set_custom_hostname_resolver(dns)
-    try:
-        resolver = Resolver(EventLog(stream=io.StringIO()))
-        resolver.set_rules(rules("api.example"))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(resolver.run)
-            assert resolver.names_for(ipaddress.ip_address("192.0.2.1")) == ("api.example",)
-            dns.answers["api.example"] = ["192.0.2.2"]  # round-robin: the app may still hold the old answer
-            await trio.sleep(DNS_REFRESH + 1)
-            assert resolver.addresses["api.example"] == {ipaddress.ip_address(a) for a in ("192.0.2.1", "192.0.2.2")}
-            await trio.sleep(DNS_KEEP)
-            assert resolver.addresses["api.example"] == {ipaddress.ip_address("192.0.2.2")}
-            nursery.cancel_scope.cancel()
-    finally:
-        trio.socket.set_custom_hostname_resolver(None)
-
-
-async def test_resolver_resolves_names_a_reload_adds_at_once_and_logs_failures(autojump_clock):
-    trio.socket.set_custom_hostname_resolver(FakeDns({"new.example": ["192.0.2.9"]}))
-    log = io.StringIO()
-    try:
-        resolver = Resolver(EventLog(stream=log))
-        resolver.set_rules(rules("gone.example"))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(resolver.run)
-            assert '"event":"dns_failed","name":"gone.example"' in log.getvalue()
-            resolver.set_rules(rules("new.example"))
-            await trio.testing.wait_all_tasks_blocked()
-            assert resolver.names_for(ipaddress.ip_address("192.0.2.9")) == ("new.example",)
-            assert "gone.example" not in resolver.addresses
-            nursery.cancel_scope.cancel()
-    finally:
-        trio.socket.set_custom_hostname_resolver(None)
