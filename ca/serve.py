@@ -179,6 +179,7 @@ class Service:
         self.open = 0
         self.idle = trio.Event()
         self.idle.set()
+        self.refresh_now = trio.Event()  # SIGHUP: re-read the CA's state without waiting for the next check
 
     # --- the service's own state --------------------------------------------------------------
 
@@ -269,7 +270,9 @@ class Service:
     async def watch_state(self) -> None:
         """Pick up ``ca rotate`` / ``ca bundle --drop-old`` and replace our certificate when due."""
         while True:
-            await trio.sleep(STATE_CHECK_INTERVAL)
+            with trio.move_on_after(STATE_CHECK_INTERVAL):
+                await self.refresh_now.wait()
+            self.refresh_now = trio.Event()
             try:
                 await trio.to_thread.run_sync(self.refresh, limiter=self.workers)
             except CaError as exc:
@@ -304,8 +307,14 @@ class Service:
             root.cancel_scope.cancel()
 
     async def _signals(self, stop: trio.Event) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        """SIGTERM/SIGINT: stop. SIGHUP, which operators send to reload: re-read the CA's state now
+        (``watch_state`` also does every STATE_CHECK_INTERVAL), instead of the default of dying."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.log.emit("info", "reload_requested", signal="SIGHUP")
+                    self.refresh_now.set()
+                    continue
                 self.log.emit("info", "shutdown", signal=signal.Signals(signum).name)
                 stop.set()
                 return

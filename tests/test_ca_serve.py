@@ -7,6 +7,7 @@ import base64
 import http.client
 import json
 import os
+import signal
 import ssl
 import threading
 from datetime import datetime, timedelta, timezone
@@ -331,6 +332,15 @@ def test_sigterm_stops_the_service_cleanly_with_exit_0(ca_dir, tmp_path):
     assert post(svc, "/v1/nothing", b"")[0] == 404
     assert svc.stop() == 0
     assert [e["event"] for e in svc.events()][-3:] == ["shutdown", "draining", "stopped"]
+
+
+def test_sighup_rereads_the_state_and_keeps_serving(ca_dir, tmp_path):
+    """Operators send SIGHUP to reload; it must not kill the service (the default action of SIGHUP)."""
+    svc = CaService(ca_dir, tmp_path)
+    svc.signal(signal.SIGHUP)
+    svc.wait_event(lambda e: e["event"] == "reload_requested", what="SIGHUP noticed")
+    assert post(svc, "/v1/nothing", b"")[0] == 404
+    assert svc.stop() == 0
 
 
 def test_serve_refuses_a_bad_listen_address_with_exit_2(ca_dir):
