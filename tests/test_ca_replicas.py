@@ -279,6 +279,11 @@ def test_a_replica_killed_mid_request_leaves_no_partial_record(fleet, postgres):
             thread.join(DEADLINE)
     assert {reason for _, reason, _ in outcomes} <= {"issued", "cut"}, outcomes
     assert any(reason == "cut" for _, reason, _ in outcomes), "no request was in flight when the replica died"
+    # PostgreSQL ends the dead replica's sessions, rolling back what they left open; only then is the index final.
+    with psycopg.connect(postgres.url(), autocommit=True) as admin:
+        wait_until(lambda: admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'victim'").fetchone()[0] == 0,
+            DEADLINE, "the dead replica's sessions ended by PostgreSQL")
 
     # Every record is whole: its PEM parses, and says what the row says.
     with fleet.state.index.reading() as db:
@@ -309,6 +314,3 @@ def test_a_replica_killed_mid_request_leaves_no_partial_record(fleet, postgres):
             status, body, _ = post(survivor, "/v1/enroll", enroll_body(token, csr_for()[1]),
                                    content_type="application/json")
             assert status == 200, body
-    # The server saw the connections cut (EOF inside a transaction, or a reset when replies were unread).
-    server_log = postgres.log.read_text()
-    assert "open transaction" in server_log or "Connection reset by peer" in server_log, server_log
