@@ -51,7 +51,7 @@ def postgres():
     server.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)])  # a real server: e2e
 def ca_db(request) -> str | None:
     """The index URL of a test's CA, once per engine: None (the default, DIR/ca.db) or a fresh PostgreSQL
     database (``ca --db``)."""
