@@ -88,7 +88,7 @@ class Admission:
     """At most ``capacity`` connections, at most ``per_source`` from one source; oldest idle yields.
 
     Admission order is kept (dicts keep insertion order), so the first non-busy ticket found in
-    a table is the oldest one that may yield. ``evictions`` counts the connections made to yield.
+    a table is the oldest one that may yield.
     """
 
     def __init__(self, capacity: int, per_source: int):
@@ -96,7 +96,6 @@ class Admission:
         self.per_source = per_source
         self._all: dict[Ticket, None] = {}
         self._by_source: dict[str, dict[Ticket, None]] = {}
-        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._all)
@@ -122,7 +121,6 @@ class Admission:
         victim.evicted = True
         victim.cancel_scope.cancel()
         self._forget(victim)
-        self.evictions += 1
         return True
 
     def _forget(self, ticket: Ticket) -> None:

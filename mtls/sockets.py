@@ -39,7 +39,7 @@ def close_socket(sock: socket.socket) -> None:
     sock.close()
 
 
-async def _connect_one(family: int, addr, path_or_none=None) -> socket.socket:
+async def _connect_one(family: int, addr) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)

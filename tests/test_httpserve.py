@@ -73,7 +73,6 @@ def test_the_oldest_idle_connection_yields_when_the_budget_is_full():
     assert len(admission) == 3 and not second.evicted
     admission.admit("10.0.0.3")  # over the total: the oldest of all (second) yields
     assert second.evicted and not third.evicted and not other.evicted
-    assert admission.evictions == 2
 
 
 def test_a_busy_connection_does_not_yield_and_a_newcomer_is_refused_when_all_are_busy():
