@@ -23,6 +23,7 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -74,13 +75,8 @@ def measure(state: StateDir, *, now: datetime, rounds: int) -> dict[str, float]:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--counts", default="10000,30000,100000", help="revoked entries (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="timings per count; medians shown (default: 3)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per count")
-    args = parser.parse_args()
-    counts = sorted(int(text) for text in args.counts.split(","))
+def crl_figures(counts: list[int], rounds: int) -> Iterator[tuple[int, dict[str, float]]]:
+    """(count, figures) for each count, ascending, on one CA in a temporary directory."""
     now = datetime.now(timezone.utc).replace(microsecond=0)
     with tempfile.TemporaryDirectory(prefix="crl-bench-") as scratch:
         state = generations.init_ca(
@@ -88,18 +84,26 @@ def main() -> int:
             ttl=timedelta(days=365), passphrase=None, now=now,
         )
         have = 0
-        if not args.json:
-            print(f"{'revoked':>8}  {'crl_s':>7}  {'query_s':>7}  {'crl_bytes':>10}")
-        for count in counts:
+        for count in sorted(counts):
             fill(state, count, have=have, now=now)
             have = count
-            figures = measure(state, now=now, rounds=args.rounds)
-            if args.json:
-                print(json.dumps({"revoked": count, **figures}))
-            else:
-                print(f"{count:>8}  {figures['crl_s']:>7.3f}  {figures['query_s']:>7.3f}  {figures['crl_bytes']:>10}")
-    return 0
+            yield count, measure(state, now=now, rounds=rounds)
 
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--counts", default="10000,30000,100000", help="revoked entries (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="timings per count; medians shown (default: 3)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per count")
+    args = parser.parse_args()
+    if not args.json:
+        print(f"{'revoked':>8}  {'crl_s':>7}  {'query_s':>7}  {'crl_bytes':>10}")
+    for count, figures in crl_figures([int(text) for text in args.counts.split(",")], args.rounds):
+        if args.json:
+            print(json.dumps({"revoked": count, **figures}))
+        else:
+            print(f"{count:>8}  {figures['crl_s']:>7.3f}  {figures['query_s']:>7.3f}  {figures['crl_bytes']:>10}")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

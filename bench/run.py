@@ -5,6 +5,7 @@
 Figures: bulk MB/s (1 and 8 connections, into a discard sink), new connections/s with a full mTLS
 handshake each (wrk, Connection: close), request/reply latency and rate on keep-alive connections
 (wrk --latency), RSS per idle connection (1000 held through the pair), and the proxies' CPU time.
+The scale section (scale.py, no pairs): reload stall, handshake CPU and CRL build time as the work grows.
 Each round starts every system afresh; figures are medians over rounds. Results (table, raw JSON,
 configs, logs) go to bench/results/<timestamp>/. It is a benchmark, not a test: see bench/README.md.
 """
@@ -25,12 +26,14 @@ from pathlib import Path
 
 import figures
 import report
+import scale
 from procs import Child, raise_open_files
 from suites import negotiated_suite
 from systems import SUITES, SYSTEMS, HttpBackend, Pair, Sink, make_identities, tool
 
 BENCH_DIR = Path(__file__).resolve().parent
-SECTIONS = ("bulk", "conn", "latency", "memory")
+PAIR_SECTIONS = ("bulk", "conn", "latency", "memory")
+SECTIONS = (*PAIR_SECTIONS, "scale")
 PEERS = ("stunnel", "haproxy", "direct", "ours-resumed")
 APT_PACKAGES = {"wrk": ["wrk"], "stunnel4": ["stunnel4"], "haproxy": ["haproxy"], "nginx": ["nginx-light", "nginx"]}
 FULL = {"bulk_bytes": 1 << 30, "bulk_cap_s": 30, "conn_s": 10, "latency_s": 8, "idle_conns": 1000, "rounds": 3}
@@ -91,6 +94,8 @@ def install_missing(programs: list[str], allowed: bool, log_path: Path) -> list[
 
 
 def programs_needed(args) -> list[str]:
+    if not set(PAIR_SECTIONS) & set(args.only):
+        return []
     needed = []
     if {"conn", "latency"} & set(args.only):
         needed += ["wrk", "nginx"]
@@ -119,6 +124,11 @@ class Bench:
         self.suites: dict[str, str] = {}  # system -> the TLS 1.3 suite its pair negotiated
         self.source = "unknown"
         self.sections = list(args.only)
+        self.scale: list[dict] = []  # rows of the scale section
+
+    @property
+    def pair_sections(self) -> list[str]:
+        return [s for s in self.sections if s in PAIR_SECTIONS]
 
     def prepare(self) -> None:
         self.logdir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +139,9 @@ class Bench:
             if dropped:
                 self.notes.append(f"wrk is not installed: skipped {', '.join(dropped)}")
                 self.sections = [s for s in self.sections if s not in dropped]
+        self.source = _source_state()
+        if not self.pair_sections:
+            return
         for name in ["ours", *self.args.peers]:
             system = SYSTEMS[name]()
             if system.available():
@@ -136,11 +149,10 @@ class Bench:
             else:
                 self.notes.append(f"{name} is not installed: no {name} column")
         self.versions.update({s.name: s.version() for s in self.systems})
-        self.source = _source_state()
         say("systems: " + "; ".join(f"{k}: {v}" for k, v in self.versions.items()))
         self.identities = make_identities(self.workdir)
         self.sink = Sink(self.logdir) if "bulk" in self.sections else None
-        self.http = HttpBackend(self.confdir, self.logdir) if set(self.sections) - {"bulk"} else None
+        self.http = HttpBackend(self.confdir, self.logdir) if set(self.pair_sections) - {"bulk"} else None
         if self.http:
             self.versions["http backend"] = self.http.kind
             if self.http.is_python:
@@ -148,6 +160,14 @@ class Bench:
                                   "bottleneck of the conn and latency figures (compare the direct column)")
 
     def run(self) -> None:
+        if self.pair_sections:
+            self.run_pairs()
+        if "scale" in self.sections:
+            for row in scale.rows(self.args.quick, say):
+                self.scale.append(row)
+                say(f"  {row['setting']}: {row['value']}")
+
+    def run_pairs(self) -> None:
         rounds = self.amounts["rounds"]
         for number in range(1, rounds + 1):
             shift = (number - 1) % len(self.systems)
@@ -223,13 +243,7 @@ class Bench:
         problems = report.problems(self.measurements, self.pairs)
         settings = self.amounts | {"quick": self.args.quick, "sections": self.sections}
         machine = f"{os.cpu_count()} CPUs, {_cpu_model()}, Linux {platform.release()}"
-        text = "\n".join([
-            f"# mtls-sidecar benchmark, {self.out.name}" + (" (INTERRUPTED: partial)" if interrupted else ""),
-            "",
-            f"Machine: {machine}. Loopback only; load generator, both proxies and backend share the CPUs.",
-            f"Source: {self.source}.",
-            f"Settings: {json.dumps(settings)}. Figures are medians of {self.amounts['rounds']} round(s).",
-            "",
+        pairs_part = [
             report.table(summary, names),
             "",
             "ours / best peer: the best of " + (", ".join(peers) or "no peer")
@@ -243,6 +257,29 @@ class Bench:
             "Our sidecar also checks the peer's SPIFFE ID against the port's rule; stunnel and haproxy verify the "
             "chain only. haproxy runs one thread per CPU, stunnel one thread per connection, our sidecar one event loop in one thread.",
             "",
+        ]
+        scale_part = [
+            "## Scale",
+            "",
+            scale.table(self.scale),
+            "",
+            "Reload: one `proxy run` per row (`reload_stall.py`), the rules besides the 2 clients' IDs, a tenth of the "
+            "connections from a client the new config forbids; the three figures are the longest /healthz answer, the "
+            "longest echo round trip on a held connection, and when the last forbidden connection was closed. "
+            "Handshake: CPU per full mTLS handshake, both ends in this process (`trust_domains.py`), best of rounds, "
+            "the client's rule last in the allowlist. CRL: `ca.revocation.refresh_crl` on an index with that many "
+            "revoked certificates (`crl_build.py`), median of rounds.",
+            "",
+        ]
+        text = "\n".join([
+            f"# mtls-sidecar benchmark, {self.out.name}" + (" (INTERRUPTED: partial)" if interrupted else ""),
+            "",
+            f"Machine: {machine}. Loopback only; load generator, both proxies and backend share the CPUs.",
+            f"Source: {self.source}.",
+            f"Settings: {json.dumps(settings)}. Figures are medians of {self.amounts['rounds']} round(s).",
+            "",
+            *(pairs_part if self.pair_sections else []),
+            *(scale_part if "scale" in self.sections else []),
             "## Notes",
             "",
             *(f"- {note}" for note in self.notes + problems),
@@ -253,7 +290,7 @@ class Bench:
             "argv": sys.argv, "source": self.source, "machine": machine, "settings": settings, "versions": self.versions,
             "suites": self.suites,
             "interrupted": interrupted, "summary": summary, "notes": self.notes, "problems": problems,
-            "measurements": self.measurements, "pairs": self.pairs,
+            "measurements": self.measurements, "pairs": self.pairs, "scale": self.scale,
         }, indent=1) + "\n")
         return text
 
@@ -311,7 +348,7 @@ def main(argv=None) -> int:
     finally:
         Child.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
-        if bench.measurements or not interrupted:
+        if bench.measurements or bench.scale or not interrupted:
             print(bench.write(interrupted))
             say(f"written: {out / 'results.md'}, {out / 'results.json'}")
     return 130 if interrupted else 0

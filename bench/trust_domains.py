@@ -30,7 +30,8 @@ def ca(*args: str | Path) -> None:
     subprocess.run([sys.executable, "-m", "ca", *map(str, args)], check=True, capture_output=True)
 
 
-def make_config(root: Path, federated: tuple[str, ...]) -> Path:
+def make_config(root: Path, federated: tuple[str, ...], extra_allow: tuple[str, ...] = ()) -> Path:
+    """A config for the api side; ``extra_allow`` rules come before the one the client matches."""
     for trust_domain in (OURS, *federated):
         ca_dir = root / trust_domain
         if not ca_dir.exists():
@@ -39,10 +40,12 @@ def make_config(root: Path, federated: tuple[str, ...]) -> Path:
     for name in ("api", "web"):
         if not (root / name).exists():
             ca("--dir", root / OURS, "issue", f"spiffe://{OURS}/ns/prod/sa/{name}", "--out", root / name)
-    config = root / f"api-{len(federated) + 1}.yaml"
+    allow = [*extra_allow, f"spiffe://{OURS}/ns/prod/*"]
+    config = root / f"api-{len(federated) + 1}-{len(allow)}.yaml"
     text = (
         f"identity: {{cert: {root}/api/cert.pem, key: {root}/api/key.pem, bundle: {root}/api/bundle.pem}}\n"
-        f"inbound:\n  - {{name: api, listen: 127.0.0.1:0, forward: 127.0.0.1:9, allow: [spiffe://{OURS}/ns/prod/*]}}\n"
+        "inbound:\n  - name: api\n    listen: 127.0.0.1:0\n    forward: 127.0.0.1:9\n    allow:\n"
+        + "".join(f"      - {rule}\n" for rule in allow) +
         f"outbound:\n  - {{name: out, listen: 127.0.0.1:0, connect: 127.0.0.1:9, expect: [spiffe://{OURS}/ns/prod/*]}}\n"
     )
     if federated:
