@@ -51,10 +51,23 @@ def postgres():
     server.close()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)])  # a real server: e2e
-def ca_db(request) -> str | None:
-    """The index URL of a test's CA, once per engine: None (the default, DIR/ca.db) or a fresh PostgreSQL
-    database (``ca --db``)."""
+ENGINES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)]  # PostgreSQL: a real server, so e2e
+
+
+def _index_url(request) -> str | None:
     if request.param == "sqlite":
         return None
     return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.fixture(params=ENGINES)
+def ca_db(request) -> str | None:
+    """The index URL of a test's CA, once per engine: None (the default, DIR/ca.db) or a fresh PostgreSQL
+    database (``ca --db``)."""
+    return _index_url(request)
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def module_ca_db(request) -> str | None:
+    """``ca_db`` for a CA that a module's tests share (a module-scoped fixture cannot use ``ca_db``)."""
+    return _index_url(request)

@@ -40,16 +40,28 @@ def admin(tmp_path, template):
     return tmp_path
 
 
-def _issue_json(cwd, *args):
-    result = run_ca("issue", *args, "--json", cwd=cwd)
+@pytest.fixture
+def admin_db(tmp_path, template, ca_db):
+    """``admin`` once per index engine, for the tests whose outcome the index decides; its commands take
+    ``db=ca_db``. On SQLite a copy of ``template``; on PostgreSQL a CA of its own in ./ca-data, made by
+    `ca init --db URL` in a fresh database."""
+    if ca_db is None:
+        shutil.copytree(template, tmp_path / "ca-data")
+    else:
+        assert main(["init", "--trust-domain", "example.org", "--dir", str(tmp_path / "ca-data"), "--db", ca_db]) == 0
+    return tmp_path
+
+
+def _issue_json(cwd, *args, db=None):
+    result = run_ca("issue", *args, "--json", cwd=cwd, db=db)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
-def _issue_quietly(cwd, spiffe_id, out):
+def _issue_quietly(cwd, spiffe_id, out, db=None):
     """Issue with the library, for tests about what comes after issuing."""
     issued = issuance.issue(
-        StateDir.open(cwd / "ca-data"), spiffe_id, ttl=timedelta(hours=1), now=_now(), out_dir=cwd / out
+        StateDir.open(cwd / "ca-data", db), spiffe_id, ttl=timedelta(hours=1), now=_now(), out_dir=cwd / out
     )
     return format(issued.cert.serial_number, "x")
 
@@ -58,17 +70,17 @@ def _now():
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
-def _statuses(cwd):
+def _statuses(cwd, db=None):
     """serial -> (status, reason), read from the index with the library."""
-    records = StateDir.open(cwd / "ca-data").records()
+    records = StateDir.open(cwd / "ca-data", db).records()
     return {format(r.serial, "x"): (r.status(_now()), r.reason) for r in records}
 
 
 # --- init --------------------------------------------------------------------------------------
 
 
-def test_init_writes_bundle_of_roots_and_0600_keys(admin):
-    state = admin / "ca-data"
+def test_init_writes_bundle_of_roots_and_0600_keys(admin_db):
+    state = admin_db / "ca-data"
     assert mode_of(state / "root.key") == 0o600
     assert mode_of(state / "intermediate.key") == 0o600
     (root,) = read_certificates(state / "bundle.pem")
@@ -77,11 +89,11 @@ def test_init_writes_bundle_of_roots_and_0600_keys(admin):
 
 
 @pytest.mark.e2e
-def test_init_refuses_to_overwrite_existing_ca(admin):
-    before = (admin / "ca-data" / "intermediate.key").read_bytes()
-    result = run_ca("init", "--trust-domain", "example.org", cwd=admin, check=False)
+def test_init_refuses_to_overwrite_existing_ca(admin_db, ca_db):
+    before = (admin_db / "ca-data" / "intermediate.key").read_bytes()
+    result = run_ca("init", "--trust-domain", "example.org", cwd=admin_db, db=ca_db, check=False)
     assert "a CA already exists" in assert_one_line_error(result, 1)
-    assert (admin / "ca-data" / "intermediate.key").read_bytes() == before
+    assert (admin_db / "ca-data" / "intermediate.key").read_bytes() == before
 
 
 @pytest.mark.e2e
@@ -142,24 +154,24 @@ def test_init_into_a_path_that_is_a_file_is_one_line_error(tmp_path, capsys):
 
 
 @pytest.mark.e2e
-def test_issue_writes_leaf_then_intermediate_key_0600_and_bundle(admin):
-    issued = _issue_json(admin, WEB, "--out", "web", "--dns", "web.prod.svc")
-    out = admin / "web"
+def test_issue_writes_leaf_then_intermediate_key_0600_and_bundle(admin_db, ca_db):
+    issued = _issue_json(admin_db, WEB, "--out", "web", "--dns", "web.prod.svc", db=ca_db)
+    out = admin_db / "web"
     assert issued["files"] == {"cert": "web/cert.pem", "key": "web/key.pem", "bundle": "web/bundle.pem"}
     leaf, intermediate = read_certificates(out / "cert.pem")
-    assert intermediate == read_certificates(admin / "ca-data" / "intermediate.pem")[0]
+    assert intermediate == read_certificates(admin_db / "ca-data" / "intermediate.pem")[0]
     assert str(svid_id(leaf)) == WEB
     assert format(leaf.serial_number, "x") == issued["serial"]
     assert mode_of(out / "key.pem") == 0o600
     key = serialization.load_pem_private_key((out / "key.pem").read_bytes(), password=None)
     assert key.public_key() == leaf.public_key()
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
-    assert (out / "bundle.pem").read_bytes() == (admin / "ca-data" / "bundle.pem").read_bytes()
+    assert (out / "bundle.pem").read_bytes() == (admin_db / "ca-data" / "bundle.pem").read_bytes()
 
 
 @pytest.mark.e2e
-def test_issue_json_has_serial_id_validity_and_files(admin):
-    issued = _issue_json(admin, WEB, "--ttl", "90m")
+def test_issue_json_has_serial_id_validity_and_files(admin_db, ca_db):
+    issued = _issue_json(admin_db, WEB, "--ttl", "90m", db=ca_db)
     assert set(issued) == {"serial", "spiffe_id", "not_before", "not_after", "files"}
     assert issued["spiffe_id"] == WEB
     assert issued["not_after"].endswith("Z") and issued["not_before"] < issued["not_after"]
@@ -174,21 +186,21 @@ def test_issue_defaults_out_to_last_path_segment_and_says_so(admin):
 
 
 @pytest.mark.e2e
-def test_issue_again_renews_in_place(admin):
-    first = _issue_json(admin, WEB)
-    second = _issue_json(admin, WEB)
+def test_issue_again_renews_in_place(admin_db, ca_db):
+    first = _issue_json(admin_db, WEB, db=ca_db)
+    second = _issue_json(admin_db, WEB, db=ca_db)
     assert first["serial"] != second["serial"]
-    assert format(read_certificates(admin / "web" / "cert.pem")[0].serial_number, "x") == second["serial"]
+    assert format(read_certificates(admin_db / "web" / "cert.pem")[0].serial_number, "x") == second["serial"]
 
 
 @pytest.mark.e2e
-def test_issue_refuses_to_overwrite_another_identity(admin):
-    _issue_json(admin, WEB)
-    before = (admin / "web" / "key.pem").read_bytes()
-    result = run_ca("issue", "spiffe://example.org/ns/dev/sa/web", cwd=admin, check=False)
+def test_issue_refuses_to_overwrite_another_identity(admin_db, ca_db):
+    _issue_json(admin_db, WEB, db=ca_db)
+    before = (admin_db / "web" / "key.pem").read_bytes()
+    result = run_ca("issue", "spiffe://example.org/ns/dev/sa/web", cwd=admin_db, db=ca_db, check=False)
     assert f"holds {WEB}" in assert_one_line_error(result, 1)
-    assert (admin / "web" / "key.pem").read_bytes() == before
-    assert len(_statuses(admin)) == 1
+    assert (admin_db / "web" / "key.pem").read_bytes() == before
+    assert len(_statuses(admin_db, ca_db)) == 1
 
 
 @pytest.mark.e2e
@@ -353,19 +365,19 @@ def test_file_that_is_not_a_csr_is_refused(admin):
 
 
 @pytest.mark.e2e
-def test_revoke_shows_in_list_and_crl_and_verify(admin):
-    web = _issue_quietly(admin, WEB, "web")
-    api = _issue_quietly(admin, "spiffe://example.org/ns/prod/sa/api", "api")
-    result = run_ca("revoke", web, "--reason", "keyCompromise", cwd=admin)
+def test_revoke_shows_in_list_and_crl_and_verify(admin_db, ca_db):
+    web = _issue_quietly(admin_db, WEB, "web", ca_db)
+    api = _issue_quietly(admin_db, "spiffe://example.org/ns/prod/sa/api", "api", ca_db)
+    result = run_ca("revoke", web, "--reason", "keyCompromise", cwd=admin_db, db=ca_db)
     assert result.returncode == 0, result.stderr
     assert f"revoked {web} {WEB} (keyCompromise)" in result.stdout
 
-    listed = json.loads(run_ca("list", "--json", cwd=admin).stdout)
+    listed = json.loads(run_ca("list", "--json", cwd=admin_db, db=ca_db).stdout)
     assert {entry["serial"]: entry["status"] for entry in listed} == {web: "revoked", api: "valid"}
 
-    crl, root_crl = read_crls(admin / "ca-data" / "crl.pem")  # the intermediate's, and the root's over it
+    crl, root_crl = read_crls(admin_db / "ca-data" / "crl.pem")  # the intermediate's, and the root's over it
     assert len(root_crl) == 0
-    intermediate = read_certificates(admin / "ca-data" / "intermediate.pem")[0]
+    intermediate = read_certificates(admin_db / "ca-data" / "intermediate.pem")[0]
     assert crl.is_signature_valid(intermediate.public_key())
     entry = crl.get_revoked_certificate_by_serial_number(int(web, 16))
     reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
@@ -373,22 +385,22 @@ def test_revoke_shows_in_list_and_crl_and_verify(admin):
     assert crl.get_revoked_certificate_by_serial_number(int(api, 16)) is None
 
     trust = ("--bundle", "ca-data/bundle.pem", "--crl", "ca-data/crl.pem")
-    verdict = run_ca("verify", "web/cert.pem", *trust, cwd=admin, check=False)
+    verdict = run_ca("verify", "web/cert.pem", *trust, cwd=admin_db, check=False)
     assert verdict.returncode == 1
     assert verdict.stdout.startswith(f"revoked: certificate serial {web} ")
     assert verdict.stdout.rstrip().endswith("(keyCompromise)")
-    still_fine = run_ca("verify", "api/cert.pem", *trust, cwd=admin)
+    still_fine = run_ca("verify", "api/cert.pem", *trust, cwd=admin_db)
     assert still_fine.returncode == 0
     assert still_fine.stdout.startswith("valid: spiffe://example.org/ns/prod/sa/api ")
 
 
 @pytest.mark.e2e
-def test_revoke_by_id_revokes_every_valid_certificate_of_it(admin):
-    serials = {_issue_quietly(admin, WEB, "web") for _ in range(2)}
-    other = _issue_quietly(admin, "spiffe://example.org/ns/prod/sa/api", "api")
-    result = run_ca("revoke", WEB, "--reason", "superseded", cwd=admin)
+def test_revoke_by_id_revokes_every_valid_certificate_of_it(admin_db, ca_db):
+    serials = {_issue_quietly(admin_db, WEB, "web", ca_db) for _ in range(2)}
+    other = _issue_quietly(admin_db, "spiffe://example.org/ns/prod/sa/api", "api", ca_db)
+    result = run_ca("revoke", WEB, "--reason", "superseded", cwd=admin_db, db=ca_db)
     assert result.returncode == 0, result.stderr
-    assert _statuses(admin) == {**{s: ("revoked", "superseded") for s in serials}, other: ("valid", None)}
+    assert _statuses(admin_db, ca_db) == {**{s: ("revoked", "superseded") for s in serials}, other: ("valid", None)}
 
 
 def test_revoke_twice_changes_nothing_the_second_time(admin, monkeypatch, capsys):
@@ -428,16 +440,16 @@ def test_revoke_rejects_unknown_reason(admin, monkeypatch, capsys):
 
 
 @pytest.mark.e2e
-def test_crl_writes_a_fresh_crl_to_out_and_state_dir(admin):
-    before = read_crls(admin / "ca-data" / "crl.pem")[0]
-    result = run_ca("crl", "--out", "current.crl", cwd=admin)
+def test_crl_writes_a_fresh_crl_to_out_and_state_dir(admin_db, ca_db):
+    before = read_crls(admin_db / "ca-data" / "crl.pem")[0]
+    result = run_ca("crl", "--out", "current.crl", cwd=admin_db, db=ca_db)
     assert result.returncode == 0, result.stderr
-    crl, root_crl = read_crls(admin / "current.crl")
+    crl, root_crl = read_crls(admin_db / "current.crl")
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     assert number > before.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     assert crl.next_update_utc is not None and crl.next_update_utc > crl.last_update_utc
-    assert root_crl.issuer == read_certificates(admin / "ca-data" / "root.pem")[0].subject
-    assert read_crls(admin / "ca-data" / "crl.pem") == [crl, root_crl]
+    assert root_crl.issuer == read_certificates(admin_db / "ca-data" / "root.pem")[0].subject
+    assert read_crls(admin_db / "ca-data" / "crl.pem") == [crl, root_crl]
 
 
 def test_crl_and_bundle_print_pem_to_stdout(admin, monkeypatch, capsys):
@@ -455,10 +467,10 @@ def test_bundle_out_writes_the_roots(admin):
 
 
 @pytest.mark.e2e
-def test_list_json_is_an_array_with_the_contract_fields(admin):
-    assert json.loads(run_ca("list", "--json", cwd=admin).stdout) == []
-    issued = _issue_json(admin, WEB)
-    (entry,) = json.loads(run_ca("list", "--json", cwd=admin).stdout)
+def test_list_json_is_an_array_with_the_contract_fields(admin_db, ca_db):
+    assert json.loads(run_ca("list", "--json", cwd=admin_db, db=ca_db).stdout) == []
+    issued = _issue_json(admin_db, WEB, db=ca_db)
+    (entry,) = json.loads(run_ca("list", "--json", cwd=admin_db, db=ca_db).stdout)
     assert {"serial", "spiffe_id", "not_before", "not_after", "status"} <= set(entry)
     assert (entry["serial"], entry["spiffe_id"], entry["status"]) == (issued["serial"], WEB, "valid")
     assert (entry["not_before"], entry["not_after"]) == (issued["not_before"], issued["not_after"])

@@ -87,6 +87,7 @@ def _now() -> datetime:
 
 @pytest.fixture(scope="module")
 def ca_dir(tmp_path_factory):
+    """The CA (SQLite) of ``service``, for tests where the index engine cannot matter."""
     directory = tmp_path_factory.mktemp("serve") / "ca"
     run_ca("init", "--trust-domain", TD, ca_dir=directory)
     return directory
@@ -99,13 +100,42 @@ def service(ca_dir, tmp_path_factory):
     svc.stop()
 
 
+@pytest.fixture(scope="module")
+def engine_service(request, module_ca_db, tmp_path_factory):
+    """``service`` once per index engine, for the tests whose outcome the index decides: on SQLite it is
+    ``service`` itself; on PostgreSQL a CA of its own, made by `ca init` with $CA_DB, served from the same
+    database."""
+    if module_ca_db is None:
+        yield request.getfixturevalue("service")
+        return
+    directory = tmp_path_factory.mktemp("serve-postgresql") / "ca"
+    run_ca("init", "--trust-domain", TD, ca_dir=directory, db=module_ca_db)
+    svc = CaService(directory, tmp_path_factory.mktemp("serve-postgresql-logs"), db=module_ca_db)
+    yield svc
+    svc.stop()
+
+
+def issue_web(svc: CaService, out: Path) -> Path:
+    return issue(svc.ca_dir, out, WEB, "--ttl", "2h", "--dns", "web.prod.svc", db=svc.db)
+
+
 @pytest.fixture
-def web(ca_dir, tmp_path):
-    return issue(ca_dir, tmp_path / "web", WEB, "--ttl", "2h", "--dns", "web.prod.svc")
+def web(service, tmp_path):
+    return issue_web(service, tmp_path / "web")
 
 
-def token(ca_dir: Path, spiffe_id: str, *extra: str) -> str:
-    return run_ca("token", spiffe_id, *extra, ca_dir=ca_dir).stdout.strip()
+@pytest.fixture
+def engine_web(engine_service, tmp_path):
+    """``web`` issued by ``engine_service``'s CA."""
+    return issue_web(engine_service, tmp_path / "web")
+
+
+def state_of(svc: CaService) -> StateDir:
+    return StateDir.open(svc.ca_dir, svc.db)
+
+
+def token(svc: CaService, spiffe_id: str, *extra: str) -> str:
+    return run_ca("token", spiffe_id, *extra, ca_dir=svc.ca_dir, db=svc.db).stdout.strip()
 
 
 def enroll_body(tok: str, csr_pem: bytes) -> bytes:
@@ -115,15 +145,16 @@ def enroll_body(tok: str, csr_pem: bytes) -> bytes:
 # --- renewal ---------------------------------------------------------------------------------------
 
 
-def test_service_presents_an_svid_for_spiffe_td_ca_chaining_to_the_bundle(service, web):
-    status, _, server = post(service, "/v1/renew", csr_for()[1], ident=web)  # verify_mode=CERT_REQUIRED passed
+def test_service_presents_an_svid_for_spiffe_td_ca_chaining_to_the_bundle(engine_service, engine_web):
+    # verify_mode=CERT_REQUIRED passed:
+    status, _, server = post(engine_service, "/v1/renew", csr_for()[1], ident=engine_web)
     assert status == 200 and uri_of(server) == f"spiffe://{TD}/ca"
 
 
-def test_renew_returns_a_new_certificate_for_the_same_id_over_the_csr_key(service, web):
-    old = x509.load_pem_x509_certificates((web / "cert.pem").read_bytes())[0]
+def test_renew_returns_a_new_certificate_for_the_same_id_over_the_csr_key(engine_service, engine_web):
+    old = x509.load_pem_x509_certificates((engine_web / "cert.pem").read_bytes())[0]
     key, csr = csr_for(names=[f"spiffe://{TD}/ns/prod/sa/admin"])  # the CSR's names are ignored
-    status, body, _ = post(service, "/v1/renew", csr, ident=web)
+    status, body, _ = post(engine_service, "/v1/renew", csr, ident=engine_web)
     assert status == 200, body
     leaf, intermediate = x509.load_pem_x509_certificates(body)
     assert uri_of(leaf) == WEB and leaf.subject.rfc4514_string() == f"CN=web,O={TD}"
@@ -135,23 +166,23 @@ def test_renew_returns_a_new_certificate_for_the_same_id_over_the_csr_key(servic
     assert timedelta(hours=2) - timedelta(seconds=30) < lifetime <= timedelta(hours=2)  # same TTL as the old one
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["web.prod.svc"]  # carried over, not from the CSR
-    record = StateDir.open(service.ca_dir).record(leaf.serial_number)
+    record = state_of(engine_service).record(leaf.serial_number)
     assert record is not None and record.spiffe_id == WEB
 
 
-def test_renew_is_refused_403_for_a_revoked_certificate(service, ca_dir, web):
-    serial = x509.load_pem_x509_certificates((web / "cert.pem").read_bytes())[0].serial_number
-    run_ca("revoke", format(serial, "x"), ca_dir=ca_dir)
-    status, body, _ = post(service, "/v1/renew", csr_for()[1], ident=web)
+def test_renew_is_refused_403_for_a_revoked_certificate(engine_service, engine_web):
+    serial = x509.load_pem_x509_certificates((engine_web / "cert.pem").read_bytes())[0].serial_number
+    run_ca("revoke", format(serial, "x"), ca_dir=engine_service.ca_dir, db=engine_service.db)
+    status, body, _ = post(engine_service, "/v1/renew", csr_for()[1], ident=engine_web)
     assert status == 403 and error_of(body) == "revoked"
     assert "revoked at" in json.loads(body)["detail"]
 
 
-def test_renew_is_refused_403_for_an_expired_certificate(service, ca_dir, tmp_path):
-    state = StateDir.open(ca_dir)
+def test_renew_is_refused_403_for_an_expired_certificate(engine_service, tmp_path):
+    state = state_of(engine_service)
     start = state.load_certificate("intermediate.pem").not_valid_before_utc + timedelta(seconds=1)
     issuance.issue(state, WEB, ttl=timedelta(seconds=10), now=start, out_dir=tmp_path / "expired")
-    status, body, _ = post(service, "/v1/renew", csr_for()[1], ident=tmp_path / "expired")
+    status, body, _ = post(engine_service, "/v1/renew", csr_for()[1], ident=tmp_path / "expired")
     assert status == 403 and error_of(body) == "expired"
 
 
@@ -167,10 +198,10 @@ def test_renew_with_a_certificate_of_another_ca_is_refused_403(service, tmp_path
     assert status == 403 and error_of(body) == "untrusted_ca"
 
 
-def test_renew_with_a_forged_certificate_unknown_to_the_index_is_refused_403(service, tmp_path):
-    ours = Authority.from_state_dir(service.ca_dir)  # signed with the CA's key, never recorded:
+def test_renew_with_a_forged_certificate_unknown_to_the_index_is_refused_403(engine_service, tmp_path):
+    ours = Authority.from_state_dir(engine_service.ca_dir)  # signed with the CA's key, never recorded:
     ident = ours.write_identity(tmp_path / "forged", ours.issue(WEB)).directory
-    status, body, _ = post(service, "/v1/renew", csr_for()[1], ident=ident)
+    status, body, _ = post(engine_service, "/v1/renew", csr_for()[1], ident=ident)
     assert status == 403 and error_of(body) == "unknown_certificate"
 
 
@@ -180,8 +211,8 @@ def test_renew_with_a_bad_csr_signature_is_refused_400(service, web):
     assert "bad signature" in json.loads(body)["detail"]
 
 
-def test_twenty_concurrent_renewals_all_succeed_with_unique_serials(service, ca_dir, tmp_path):
-    state = StateDir.open(ca_dir)
+def test_twenty_concurrent_renewals_all_succeed_with_unique_serials(engine_service, tmp_path):
+    state = state_of(engine_service)
     idents = [
         issuance.issue(state, f"spiffe://{TD}/ns/load/sa/w{i}", ttl=timedelta(hours=1), now=_now(),
                          out_dir=tmp_path / f"w{i}").cert_path.parent
@@ -193,7 +224,7 @@ def test_twenty_concurrent_renewals_all_succeed_with_unique_serials(service, ca_
     def renew(i: int) -> None:
         csr = csr_for()[1]
         barrier.wait()
-        results[i] = post(service, "/v1/renew", csr, ident=idents[i])
+        results[i] = post(engine_service, "/v1/renew", csr, ident=idents[i])
 
     threads = [threading.Thread(target=renew, args=(i,)) for i in range(len(idents))]
     for thread in threads:
@@ -212,53 +243,54 @@ def test_twenty_concurrent_renewals_all_succeed_with_unique_serials(service, ca_
 # --- enrollment ------------------------------------------------------------------------------------
 
 
-def test_enroll_with_a_token_works_once_and_the_second_use_is_refused(service, ca_dir):
+def test_enroll_with_a_token_works_once_and_the_second_use_is_refused(engine_service):
     spiffe_id = f"spiffe://{TD}/ns/prod/sa/new-{os.urandom(3).hex()}"
-    tok = token(ca_dir, spiffe_id, "--ttl", "10m")
+    tok = token(engine_service, spiffe_id, "--ttl", "10m")
     assert tok.startswith("mst1_") and len(tok) > 40
     key, csr = csr_for(names=[f"spiffe://{TD}/ns/prod/sa/admin"])
-    status, body, _ = post(service, "/v1/enroll", enroll_body(tok, csr), content_type="application/json")
+    status, body, _ = post(engine_service, "/v1/enroll", enroll_body(tok, csr), content_type="application/json")
     assert status == 200, body
     leaf = x509.load_pem_x509_certificates(body)[0]
     assert uri_of(leaf) == spiffe_id
-    status, body, _ = post(service, "/v1/enroll", enroll_body(tok, csr_for()[1]), content_type="application/json")
+    status, body, _ = post(engine_service, "/v1/enroll", enroll_body(tok, csr_for()[1]),
+                           content_type="application/json")
     assert status == 403 and error_of(body) == "token_used"
 
 
-def test_enroll_with_an_expired_token_is_refused(service, ca_dir):
+def test_enroll_with_an_expired_token_is_refused(engine_service):
     issued = enrollment.create_token(
-        StateDir.open(ca_dir), f"spiffe://{TD}/ns/prod/sa/late", ttl=timedelta(minutes=10),
+        state_of(engine_service), f"spiffe://{TD}/ns/prod/sa/late", ttl=timedelta(minutes=10),
         now=_now() - timedelta(hours=1),
     )
-    status, body, _ = post(service, "/v1/enroll", enroll_body(issued.token, csr_for()[1]),
+    status, body, _ = post(engine_service, "/v1/enroll", enroll_body(issued.token, csr_for()[1]),
                            content_type="application/json")
     assert status == 403 and error_of(body) == "token_expired"
 
 
-def test_enroll_with_an_unknown_token_is_refused(service):
-    status, body, _ = post(service, "/v1/enroll", enroll_body("mst1_" + "A" * 43, csr_for()[1]),
+def test_enroll_with_an_unknown_token_is_refused(engine_service):
+    status, body, _ = post(engine_service, "/v1/enroll", enroll_body("mst1_" + "A" * 43, csr_for()[1]),
                            content_type="application/json")
     assert status == 403 and error_of(body) == "invalid_token"
 
 
-def test_enroll_with_a_bad_csr_signature_is_refused_and_does_not_spend_the_token(service, ca_dir):
-    tok = token(ca_dir, f"spiffe://{TD}/ns/prod/sa/careful")
-    status, body, _ = post(service, "/v1/enroll", enroll_body(tok, bad_signature_csr()),
+def test_enroll_with_a_bad_csr_signature_is_refused_and_does_not_spend_the_token(engine_service):
+    tok = token(engine_service, f"spiffe://{TD}/ns/prod/sa/careful")
+    status, body, _ = post(engine_service, "/v1/enroll", enroll_body(tok, bad_signature_csr()),
                            content_type="application/json")
     assert status == 400 and error_of(body) == "bad_csr"
-    status, _, _ = post(service, "/v1/enroll", enroll_body(tok, csr_for()[1]), content_type="application/json")
+    status, _, _ = post(engine_service, "/v1/enroll", enroll_body(tok, csr_for()[1]), content_type="application/json")
     assert status == 200
 
 
-def test_concurrent_enrollments_with_one_token_issue_exactly_one_certificate(service, ca_dir):
-    tok = token(ca_dir, f"spiffe://{TD}/ns/prod/sa/race")
+def test_concurrent_enrollments_with_one_token_issue_exactly_one_certificate(engine_service):
+    tok = token(engine_service, f"spiffe://{TD}/ns/prod/sa/race")
     barrier = threading.Barrier(10)
     statuses: list[int] = []
 
     def attempt() -> None:
         body = enroll_body(tok, csr_for()[1])
         barrier.wait()
-        statuses.append(post(service, "/v1/enroll", body, content_type="application/json")[0])
+        statuses.append(post(engine_service, "/v1/enroll", body, content_type="application/json")[0])
 
     threads = [threading.Thread(target=attempt) for _ in range(10)]
     for thread in threads:
@@ -280,6 +312,25 @@ def test_ca_refuses_to_issue_or_enroll_the_services_own_id(ca_dir, tmp_path):
 
 
 # --- protocol, logs, lifecycle ---------------------------------------------------------------------
+
+
+def get(service: CaService, path: str) -> tuple[int, bytes]:
+    """GET over TLS 1.3 without a client certificate, verifying the service against the CA's bundle."""
+    ctx = ssl.create_default_context(cafile=service.ca_dir / "bundle.pem")
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False  # the service is identified by its SPIFFE ID (see post)
+    conn = http.client.HTTPSConnection("127.0.0.1", service.port, context=ctx, timeout=DEADLINE)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_healthz_and_readyz_answer_200_on_either_engine(engine_service):
+    assert get(engine_service, "/healthz") == (200, b"ok\n")
+    assert get(engine_service, "/readyz")[0] == 200
 
 
 def test_unknown_path_is_404_and_wrong_method_405(service):

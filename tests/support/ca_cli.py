@@ -18,11 +18,13 @@ def ca_env(**extra: str) -> dict[str, str]:
 def run_ca(
     *args: str | Path,
     ca_dir: Path | None = None,
+    db: str | None = None,
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m ca ARGS`` in ``cwd``, on the state directory ``ca_dir`` (as $CA_DIR) if given.
+    """``python -m ca ARGS`` in ``cwd``, on the state directory ``ca_dir`` (as $CA_DIR) and the index ``db``
+    (as $CA_DB) if given.
 
     The environment is ``env``, by default ``ca_env()``. With ``check``, a non-zero exit fails the test
     with ca's stderr; a test about a refusal passes ``check=False`` and asserts on the result itself.
@@ -30,6 +32,8 @@ def run_ca(
     env = dict(env if env is not None else ca_env())
     if ca_dir is not None:
         env["CA_DIR"] = str(ca_dir)
+    if db is not None:
+        env["CA_DB"] = db
     result = subprocess.run(
         [sys.executable, "-m", "ca", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
     )
@@ -46,9 +50,9 @@ def start_ca(*args: str | Path, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
-def issue(ca_dir: Path, out: Path, spiffe_id: str, *extra: str) -> Path:
-    """`ca issue SPIFFE_ID --out OUT EXTRA...` on ``ca_dir``; returns the identity directory ``out``."""
-    run_ca("issue", spiffe_id, "--out", out, *extra, ca_dir=ca_dir)
+def issue(ca_dir: Path, out: Path, spiffe_id: str, *extra: str, db: str | None = None) -> Path:
+    """`ca issue SPIFFE_ID --out OUT EXTRA...` on ``ca_dir`` (index ``db`` if given); returns the directory ``out``."""
+    run_ca("issue", spiffe_id, "--out", out, *extra, ca_dir=ca_dir, db=db)
     return out
 
 

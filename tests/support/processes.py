@@ -101,6 +101,7 @@ class CaService(LoggedProcess):
     def __init__(self, ca_dir: Path, log_dir: Path, *extra: str, listen: str = "127.0.0.1:0", db: str | None = None):
         """``db``: the index URL ($CA_DB), e.g. a PostgreSQL database shared with other replicas."""
         self.ca_dir = ca_dir
+        self.db = db
         env = {"CA_DIR": str(ca_dir), **({"CA_DB": db} if db else {})}
         super().__init__([PY, "-m", "ca", "serve", "--listen", listen, *extra],
                          log_dir / f"ca-serve-{os.urandom(3).hex()}.log", env)
