@@ -191,9 +191,12 @@ def test_a_database_restart_is_a_503_with_a_reason_then_replicas_recover(fleet, 
     stop = threading.Event()
     outcomes: list[tuple[int, str, int | None]] = []
 
+    answered_at: list[tuple[float, int]] = []  # (monotonic time, status) of every answer, for the printed figures
+
     def load(i: int) -> None:
         while not stop.is_set():
             status, body, _ = post(fleet.replicas[i % 2], "/v1/renew", csr_for()[1], ident=idents[i])
+            answered_at.append((time.monotonic(), status))
             if status == 200:
                 outcomes.append((200, "issued", x509.load_pem_x509_certificates(body)[0].serial_number))
             else:
@@ -204,9 +207,12 @@ def test_a_database_restart_is_a_503_with_a_reason_then_replicas_recover(fleet, 
         thread.start()
     try:
         wait_until(lambda: sum(1 for o in outcomes if o[0] == 200) >= 8, DEADLINE, "renewals before the outage")
+        stopped_at = time.monotonic()
         postgres.stop()
         wait_until(lambda: any(o[0] == 503 for o in outcomes), DEADLINE, "a 503 during the outage")
+        started_at = time.monotonic()
         postgres.start()
+        up_at = time.monotonic()
         during = len(outcomes)
         wait_until(lambda: sum(1 for o in outcomes[during:] if o[0] == 200) >= 8, DEADLINE, "renewals after it")
     finally:
@@ -220,6 +226,12 @@ def test_a_database_restart_is_a_503_with_a_reason_then_replicas_recover(fleet, 
     for replica in fleet.replicas:
         refused = [e for e in replica.requests() if e["status"] == 503]
         assert all(e["reason"] == "database_unavailable" and "unavailable" in e["detail"] for e in refused)
+    # Figures for the record (pytest -s), not assertions: how the outage looked to the clients.
+    first_ok_after = min(t for t, status in answered_at if status == 200 and t > up_at)
+    print(f"\noutage: database down {started_at - stopped_at:.2f} s, restart took {up_at - started_at:.2f} s, "
+          f"first renewal {first_ok_after - up_at:.3f} s after it; "
+          f"{sum(1 for _, s in answered_at if s == 503)} answers 503, {sum(1 for _, s in answered_at if s == 200)} 200")
+    print("a 503 line:", json.dumps(next(e for r in fleet.replicas for e in r.requests() if e["status"] == 503)))
 
 
 def test_a_replica_killed_mid_request_leaves_no_partial_record(fleet, postgres):
