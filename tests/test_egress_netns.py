@@ -31,7 +31,7 @@ import pytest
 import yaml
 from support.ca_cli import issue
 from support.certs import TD
-from support.network import App, in_netns
+from support.network import App, bridged_namespaces, in_netns
 from support.polling import wait_until
 from support.processes import Sidecar, identity_yaml, inbound_config
 
@@ -78,12 +78,6 @@ except (OSError, ssl.SSLError) as exc:
     out["how"] = type(exc).__name__
 print(json.dumps(out), flush=True)
 """
-
-
-def _ip(*args: str) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
 
 
 class TlsEcho:
@@ -147,22 +141,9 @@ class Net:
         self.created_files.append(hosts.parent if hosts.parent.parent.exists() else hosts.parent.parent)
         hosts.parent.mkdir(parents=True)
         hosts.write_text(f"127.0.0.1 localhost\n{ADDRESSES['mesh']} {MESH_NAME}\n")
-        hub = self.ns["hub"]
-        _ip("netns", "add", hub)
-        self.created.append(hub)
-        _ip("-n", hub, "link", "add", "br0", "type", "bridge")
-        _ip("-n", hub, "link", "set", "br0", "up")
-        for name, address in ADDRESSES.items():
-            ns = self.ns[name]
-            _ip("netns", "add", ns)
-            self.created.append(ns)
-            _ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"to-{name}", "netns", hub)
-            _ip("-n", hub, "link", "set", f"to-{name}", "master", "br0")
-            _ip("-n", hub, "link", "set", f"to-{name}", "up")
-            _ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
-            _ip("-n", ns, "addr", "add", f"{IPV6[name]}/64", "dev", "eth0", "nodad")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
+        bridged_namespaces(
+            self.ns, {name: (f"{address}/24", f"{IPV6[name]}/64") for name, address in ADDRESSES.items()}, self.created
+        )
 
     def exec_in(self, name: str) -> tuple[str, ...]:
         return ("ip", "netns", "exec", self.ns[name])

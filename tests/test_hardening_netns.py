@@ -23,6 +23,7 @@ from support.ca_cli import issue, run_ca
 from support.certs import API, TD, WEB
 from support.network import (
     App,
+    bridged_namespaces,
     client_context,
     in_netns,
     plain_attempt,
@@ -36,12 +37,6 @@ pytestmark = pytest.mark.e2e
 INTRUDER = f"spiffe://{TD}/ns/prod/sa/intruder"
 ADDRESSES = {"web": "10.200.0.2", "api": "10.200.0.3", "intruder": "10.200.0.4"}
 APP_PORT, INBOUND_PORT, OUTBOUND_PORT = 8080, 8443, 9001
-
-
-def _ip(*args: str) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
 
 
 def _listen_loopback(port: int) -> socket.socket:
@@ -80,22 +75,7 @@ class Pods:
         self.ids = {}
 
     def build_network(self) -> None:
-        hub = self.ns["hub"]
-        _ip("netns", "add", hub)
-        self.created.append(hub)
-        _ip("-n", hub, "link", "add", "br0", "type", "bridge")
-        _ip("-n", hub, "link", "set", "br0", "up")
-        for pod, address in ADDRESSES.items():
-            ns = self.ns[pod]
-            _ip("netns", "add", ns)
-            self.created.append(ns)
-            # Both ends are created inside our namespaces, so no name ever appears in the host's namespace.
-            _ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"to-{pod}", "netns", hub)
-            _ip("-n", hub, "link", "set", f"to-{pod}", "master", "br0")
-            _ip("-n", hub, "link", "set", f"to-{pod}", "up")
-            _ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
+        bridged_namespaces(self.ns, {pod: (f"{address}/24",) for pod, address in ADDRESSES.items()}, self.created)
 
     def start_sidecar(self, pod: str, name: str, config: str) -> Sidecar:
         side = Sidecar(self.root / pod, name, config, prefix=("ip", "netns", "exec", self.ns[pod]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -342,3 +343,36 @@ def in_netns(name: str, fn, *args):
     if "value" not in result:
         raise AssertionError(f"{fn} in netns {name} did not finish within {DEADLINE}s")
     return result["value"]
+
+
+def ip(*args: str) -> None:
+    """Run ``ip ARGS``; RuntimeError with its stderr if it fails."""
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def bridged_namespaces(names: dict[str, str], addresses: dict[str, tuple[str, ...]], created: list[str]) -> None:
+    """Hosts on one LAN: a namespace per host (``names[host]``), its ``eth0`` with ``addresses[host]``
+    (CIDR; IPv6 without duplicate address detection), joined by a bridge in the ``names["hub"]`` namespace.
+
+    Both ends of every veth pair are created inside our namespaces, so no name ever appears in the
+    host's namespace. Each namespace is appended to ``created`` as soon as it exists, for the
+    caller's clean-up, even when a later step fails.
+    """
+    hub = names["hub"]
+    ip("netns", "add", hub)
+    created.append(hub)
+    ip("-n", hub, "link", "add", "br0", "type", "bridge")
+    ip("-n", hub, "link", "set", "br0", "up")
+    for host, cidrs in addresses.items():
+        ns = names[host]
+        ip("netns", "add", ns)
+        created.append(ns)
+        ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"to-{host}", "netns", hub)
+        ip("-n", hub, "link", "set", f"to-{host}", "master", "br0")
+        ip("-n", hub, "link", "set", f"to-{host}", "up")
+        for cidr in cidrs:
+            ip("-n", ns, "addr", "add", cidr, "dev", "eth0", *(("nodad",) if ":" in cidr else ()))
+        ip("-n", ns, "link", "set", "eth0", "up")
+        ip("-n", ns, "link", "set", "lo", "up")
