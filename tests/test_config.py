@@ -24,6 +24,7 @@ from proxy.config import (
     load_config,
     parse_config,
 )
+from proxy.config.yamlreader import MAX_NESTING
 
 SOURCE = Path("config.yaml")
 IDENTITY = "identity: {cert: cert.pem, key: key.pem, bundle: bundle.pem}\n"  # line 1 of most cases
@@ -467,6 +468,30 @@ def test_rejects_absurdly_deep_nesting_without_crashing():
     assert "YAML" in problem
 
 
+@pytest.mark.parametrize("style", ["flow", "block"])
+def test_refuses_collections_nested_past_the_limit_on_the_line_where_it_happens(style):
+    levels = MAX_NESTING  # inside the top-level mapping: one level too many
+    if style == "flow":
+        text = IDENTITY + "x:\n  " + "[" * levels + "]" * levels + "\n"
+        line = 3
+    else:
+        text = IDENTITY + "x:\n" + "".join("  " * depth + "-\n" for depth in range(1, levels + 1))
+        line = 2 + levels
+
+    assert problems_in(text) == [
+        f"config.yaml:{line}: YAML syntax error: collections nested more than {MAX_NESTING} levels deep; "
+        "a config needs a handful"
+    ]
+
+
+def test_nesting_up_to_the_limit_is_left_to_the_schema():
+    levels = MAX_NESTING - 1
+
+    (problem,) = problems_in(IDENTITY + "x: " + "[" * levels + "]" * levels + "\n")
+
+    assert problem.startswith("config.yaml:2: x: unknown key")
+
+
 def test_load_config_reports_a_missing_file(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(tmp_path / "nope.yaml")
@@ -537,6 +562,28 @@ def _parse_only_raises_config_error(text: str) -> None:
 @given(DOCUMENTS)
 def test_random_yaml_documents_only_ever_raise_config_error(document):
     _parse_only_raises_config_error(yaml.safe_dump(document))
+
+
+@pytest.mark.skipif(not yaml.__with_libyaml__, reason="PyYAML without libyaml composes in Python only")
+@settings(max_examples=300, deadline=None)
+@given(DOCUMENTS, st.sampled_from([False, True]))
+def test_libyaml_composes_the_same_nodes_with_the_same_lines_as_pure_python(document, flow):
+    text = yaml.safe_dump(document, default_flow_style=flow)
+
+    assert node_tree(yaml.compose(text, Loader=yaml.CSafeLoader)) == node_tree(yaml.compose(text, Loader=yaml.SafeLoader))
+
+
+def node_tree(node):
+    """What the config reader looks at in a node: kind, tag, value and line, recursively."""
+    if node is None:
+        return None
+    if isinstance(node.value, str):
+        inner = node.value
+    elif isinstance(node, yaml.MappingNode):
+        inner = [(node_tree(key), node_tree(value)) for key, value in node.value]
+    else:
+        inner = [node_tree(item) for item in node.value]
+    return type(node).__name__, node.tag, inner, node.start_mark.line
 
 
 @st.composite

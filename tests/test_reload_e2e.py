@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 from support.ca_cli import issue, run_ca
@@ -198,3 +200,28 @@ def test_reload_failure_is_counted_and_named_and_nothing_changes(ca, api):
     assert "inbound[0].allow[0]" in failed["detail"]
     frontend = fresh(ca, "frontend", FRONTEND)
     assert tls_client(frontend, side.ports["api"], b"old policy")[1] == "data b'old policy'"
+
+
+def test_a_config_nested_past_the_limit_is_refused_by_check_and_by_a_running_sidecar(ca, api):
+    """Composing YAML recurses once per level (on the C stack, with libyaml): a config nested 100,000
+    levels deep is refused in one line before that, and the sidecar keeps its last good config."""
+    side, ident, app = api
+    frontend = tls_connection(fresh(ca, "frontend", FRONTEND), side.ports["api"])
+    frontend.sendall(b"before")
+    assert frontend.recv(10) == b"before"
+    deep = "[" * 100_000 + "]" * 100_000
+    side.config_path.write_text(api_config(ident, app.port, [FRONTEND]) + f"log: {deep}\n")
+
+    failed = side.wait_event(lambda e: e["event"] == "reload_failed", what="reload_failed")
+    check = subprocess.run([sys.executable, "-m", "proxy", "check", "-c", str(side.config_path)],
+                           capture_output=True, text=True, timeout=60)
+
+    line = len(api_config(ident, app.port, [FRONTEND]).splitlines()) + 1
+    problem = f"{side.config_path}:{line}: YAML syntax error: "  # our limit or libyaml's, whichever comes first
+    assert failed["detail"].startswith(problem) and "nest" in failed["detail"] and "\n" not in failed["detail"]
+    assert check.returncode == 1 and check.stderr.splitlines()[0] == failed["detail"], check.stderr
+    web = fresh(ca, "web", WEB)  # the new config would refuse it: still the old one
+    assert tls_client(web, side.ports["api"], b"old config")[1] == "data b'old config'"
+    frontend.sendall(b"after")
+    assert frontend.recv(10) == b"after"
+    frontend.close()

@@ -6,9 +6,11 @@ made a named pipe, so the first reload waits in its worker thread until the test
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
+import sys
 
 import pytest
 import trio
@@ -19,8 +21,8 @@ from support.processes import identity_yaml
 
 from mtls.events import EventLog
 from proxy.metrics import Metrics
-from proxy.sidecar import Sidecar
-from proxy.snapshot import load_snapshot
+from proxy.sidecar import RELOAD_SWITCH_INTERVAL, Sidecar
+from proxy.snapshot import StartupError, load_snapshot
 
 pytestmark = pytest.mark.e2e  # each test runs `ca init` and `ca issue`
 
@@ -90,3 +92,32 @@ async def test_an_unexpected_error_while_loading_fails_the_reload_and_keeps_the_
     failed = [json.loads(line) for line in log.getvalue().splitlines()][-1]
     assert failed["event"] == "reload_failed"
     assert "RuntimeError: a library refused something we did not foresee" in failed["detail"]
+
+
+@pytest.mark.parametrize("outcome", ["loaded", "failed"])
+async def test_while_the_worker_loads_nothing_collects_and_the_loop_waits_little_for_the_gil(
+    tmp_path, monkeypatch, outcome
+):
+    """A collection started by the worker would hold the GIL over every object of every open
+    connection; a long switch interval would make each of the loop's system calls wait for it."""
+    ca_dir = tmp_path / "ca"
+    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
+    config = tmp_path / "api.yaml"
+    config.write_text(identity_yaml(issue(ca_dir, tmp_path / "api", f"spiffe://{TD}/ns/prod/sa/api")))
+    sidecar = Sidecar(config, load_snapshot(config), EventLog("info", "json", io.StringIO()), Metrics())
+    seen = {}
+
+    def observed_loader(path, previous=None):
+        seen.update(collecting=gc.isenabled(), switch_interval=sys.getswitchinterval())
+        if outcome == "failed":
+            raise StartupError([f"{path}:1: broken"])
+        return load_snapshot(path, previous=previous)
+
+    monkeypatch.setattr("proxy.sidecar.load_snapshot", observed_loader)
+    interval = sys.getswitchinterval()
+    assert gc.isenabled()
+
+    assert await sidecar.reload("SIGHUP") is (outcome == "loaded")
+
+    assert seen == {"collecting": False, "switch_interval": RELOAD_SWITCH_INTERVAL}
+    assert gc.isenabled() and sys.getswitchinterval() == interval

@@ -1,10 +1,17 @@
 """A strict YAML reader that remembers lines: the generic half of the config, with no schema in it.
 
-Theory of operation: the YAML is *composed* with SafeLoader, not constructed, so every value is
-still a node that knows its line. A ``Reader`` turns nodes into Python values on request (a mapping
-with required and optional keys, a list, text, a number, a duration, an endpoint...). When a node
-breaks a rule the reader records one problem, ``FILE:LINE: key.path: what is wrong``, returns None
-and lets the caller carry on, so an operator sees every problem in one run.
+Theory of operation: the YAML is *composed* with PyYAML's safe loader, not constructed, so every
+value is still a node that knows its line. A ``Reader`` turns nodes into Python values on request
+(a mapping with required and optional keys, a list, text, a number, a duration, an endpoint...).
+When a node breaks a rule the reader records one problem, ``FILE:LINE: key.path: what is wrong``,
+returns None and lets the caller carry on, so an operator sees every problem in one run.
+
+The loader is libyaml's (``CSafeLoader``) when PyYAML has it: about ten times faster than the
+pure-Python one (a 10,000-entry allowlist composes in ~20 ms instead of ~240 ms), which matters
+because a reload parses in a worker thread that shares the GIL with the event loop. Composing
+recurses once per level of nesting, on the C stack with libyaml, so the document's events (parsed
+with an explicit stack, whatever the depth) are scanned first and collections nested more than
+``MAX_NESTING`` deep are refused before anything recurses into them.
 
 Strictness: unknown keys (with a "did you mean"), duplicated keys, YAML merge keys and wrong types
 are problems. An optional key set to null (``admin:`` with nothing after it) counts as absent.
@@ -29,6 +36,10 @@ STR, INT, FLOAT, BOOL, NULL, TIMESTAMP = (_TAG + t for t in ("str", "int", "floa
 MERGE = _TAG + "merge"
 _TEXT_TAGS = (STR, INT, FLOAT)  # what ``Reader.text`` accepts: unquoted numbers are text too
 _SCALARS = SafeConstructor()
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # PyYAML built without libyaml has no CSafeLoader
+MAX_NESTING = 64  # collections inside collections; a config needs five or six
+_OPENS = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+_CLOSES = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
 
 T = TypeVar("T")
 
@@ -53,14 +64,31 @@ def read_document(source: Path) -> str:
 def compose(text: str, label: str) -> Node | None:
     """The document's root node, or None when it holds nothing (or only null); DocumentError on bad YAML."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        _refuse_deep_nesting(text, label)
+        root = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         raise DocumentError(_syntax_problem(label, text, exc)) from None
-    except RecursionError:
-        raise DocumentError(f"{label}: YAML syntax error: the document is nested too deeply") from None
+    except UnicodeEncodeError as exc:  # libyaml reads UTF-8: a lone surrogate (never from a file) cannot pass
+        line = text[: exc.start].count("\n") + 1
+        raise DocumentError(f"{label}:{line}: YAML syntax error: an unpaired surrogate is not valid text") from None
     if root is None or (isinstance(root, ScalarNode) and root.tag == NULL):
         return None
     return root
+
+
+def _refuse_deep_nesting(text: str, label: str) -> None:
+    """DocumentError if collections nest more than MAX_NESTING deep; YAMLError on bad syntax."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_LOADER):
+        if isinstance(event, _OPENS):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise DocumentError(
+                    f"{label}:{event.start_mark.line + 1}: YAML syntax error: collections nested more than "
+                    f"{MAX_NESTING} levels deep; a config needs a handful"
+                )
+        elif isinstance(event, _CLOSES):
+            depth -= 1
 
 
 def _syntax_problem(label: str, text: str, exc: yaml.YAMLError) -> str:
