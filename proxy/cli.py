@@ -23,6 +23,18 @@ def _version() -> str:
         return "unknown"
 
 
+class _ShowVersion(argparse.Action):
+    """``--version``: the installed version, looked up only when asked. importlib.metadata costs about
+    1 MiB of resident memory and 15 ms, which every `proxy run` paid when the parser was built."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {_version()}")
+        parser.exit()
+
+
 def _config_path(args) -> Path | None:
     value = args.config or os.environ.get("PROXY_CONFIG")
     return Path(value) if value else None
@@ -142,7 +154,7 @@ def _cmd_suggest(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxy", description="mTLS sidecar with SPIFFE allowlists.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_ShowVersion, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the sidecar until SIGTERM/SIGINT (SIGHUP reloads)")

@@ -55,7 +55,7 @@ class Tracked:
     """An open connection, as the sidecar's reload, idle reaper and drain see it."""
 
     __slots__ = ("conn", "peer_id", "serial", "path", "scope", "revoked_detail", "idle_detail", "evicted_detail",
-                 "holds_slot", "link", "expires_at", "expiry_detail", "checked_under")
+                 "holds_slot", "link", "expires_at", "expiring", "checked_under")
 
     def __init__(self, conn: Conn):
         self.conn = conn  # replaced once an outbound connection knows its upstream's address
@@ -70,9 +70,10 @@ class Tracked:
         self.evicted_detail: str | None = None  # set when a newer unauthenticated connection took its place
         self.holds_slot = False  # counted in ConnectionSlots (outbound from accept, inbound once authorized)
         self.link: Link | None = None  # set while relaying
-        # When the peer's chain expires (trio time; the scope's deadline), and the sentence saying so.
+        # When the peer's chain expires (trio time; the scope's deadline), and which certificate of it
+        # (its position on the path, and itself) expires first.
         self.expires_at: float | None = None
-        self.expiry_detail: str | None = None
+        self.expiring: tuple[int, x509.Certificate] | None = None
         # The snapshot whose rules last allowed the peer: the one it was accepted with, then that of
         # each reload that checked it again. A reload looks again only at what changed since.
         self.checked_under: Snapshot | None = None
@@ -89,17 +90,23 @@ class Tracked:
         if self.idle_detail is not None:
             return reasons.IDLE_TIMEOUT, self.idle_detail
         if self.peer_expired():
-            return reasons.PEER_EXPIRED, self.expiry_detail
+            return reasons.PEER_EXPIRED, self.expiry_detail()
         return reason, detail
+
+    def expiry_detail(self) -> str:
+        """The sentence of a close at the peer's expiry, made only then: naming the leaf parses its
+        extensions, which an idle connection had better not keep (``PeerCheck`` keeps it without them)."""
+        position, cert = self.expiring
+        expiry = cert.not_valid_after_utc
+        return f"peer {self.peer_id}: {describe(cert, position)} expired at {expiry:%Y-%m-%dT%H:%M:%SZ}"
 
     def cut_at_expiry(self, check) -> None:
         """Make the first expiry on the peer's verified chain (its leaf alone when the session was resumed)
         this connection's deadline: trio cancels it then, no per-byte or periodic check."""
         certs = check.path or (check.leaf,)
-        position, first = min(enumerate(certs), key=lambda item: item[1].not_valid_after_utc)
-        expiry = first.not_valid_after_utc
+        self.expiring = min(enumerate(certs), key=lambda item: item[1].not_valid_after_utc)
+        expiry = self.expiring[1].not_valid_after_utc
         self.expires_at = trio.current_time() + (expiry - datetime.now(timezone.utc)).total_seconds()
-        self.expiry_detail = f"peer {self.peer_id}: {describe(first, position)} expired at {expiry:%Y-%m-%dT%H:%M:%SZ}"
         self.scope.deadline = self.expires_at
 
 

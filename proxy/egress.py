@@ -40,12 +40,8 @@ import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-import dns.asyncresolver
-import dns.exception
-import dns.name
-import dns.nameserver
-import dns.resolver
 import trio
 
 from mtls import reasons
@@ -70,6 +66,9 @@ from proxy.egress_rules import (
 from proxy.metrics import Metrics
 from proxy.relay import Link, abort_socket
 from proxy.snapshot import EGRESS, Snapshot
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, on SOL_IP
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h, on SOL_IPV6
@@ -180,6 +179,9 @@ class Resolver:
         """Ask for ``name``'s addresses and note until when each matches; returns when to ask again."""
         if self._dns is None or name in await _hosts_names():
             return await self._ask_system(name, followed, dns_problem=None)
+        import dns.exception  # loaded by _dns_resolver already; see there why not at the top
+        import dns.resolver
+
         try:
             answers = await self._dns.resolve_name(name, search=True, lifetime=DNS_LIFETIME)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer) as exc:
@@ -229,6 +231,13 @@ class Resolver:
 def _dns_resolver(nameservers: Sequence[tuple[str, int]] | None) -> dns.asyncresolver.Resolver | None:
     """A DNS resolver asking ``nameservers``, or those of /etc/resolv.conf (with its search list);
     None when there are none: then the system resolver answers for every name."""
+    # dnspython costs about 4 MiB of resident memory: imported here, it is loaded only by a sidecar
+    # that has an egress section (the one place a Resolver is made), not by every `proxy run`.
+    import dns.asyncresolver
+    import dns.name
+    import dns.nameserver
+    import dns.resolver
+
     if nameservers is None:
         try:
             return dns.asyncresolver.Resolver()

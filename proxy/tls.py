@@ -23,6 +23,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
@@ -41,6 +42,7 @@ from mtls.trust import (
 from proxy.config import IdentityConfig
 
 _GRACE_SETTING = "identity.crl_grace"
+_SHARED_ISSUERS_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,25 @@ class CrlFreshness:
     def detail(self, found: IssuerCrls, now: datetime) -> str:
         """What ``stale`` says when it is the CRLs ``found`` that are too old."""
         return crl_stale_detail(found, now, self.grace, source=self.file, grace_setting=_GRACE_SETTING)
+
+
+def _as_kept(leaf: x509.Certificate) -> x509.Certificate:
+    """``leaf`` parsed anew from its DER: the same certificate without the extensions cryptography
+    parsed and cached on it while the handshake checked it (about 2.5 KiB, which an idle connection
+    would otherwise hold for its whole life)."""
+    return x509.load_der_x509_certificate(leaf.public_bytes(Encoding.DER))
+
+
+_shared_issuers: dict[x509.Certificate, x509.Certificate] = {}
+
+
+def _shared(issuer: x509.Certificate) -> x509.Certificate:
+    """One parsed copy of each CA certificate found on verified paths, for every connection whose path
+    holds it: an idle connection then keeps its own leaf only, not a copy of its intermediates and root.
+    Only verified paths come here, so it holds the CAs of trusted trust domains; bounded all the same."""
+    if len(_shared_issuers) >= _SHARED_ISSUERS_MAX:
+        _shared_issuers.clear()
+    return _shared_issuers.setdefault(issuer, issuer)
 
 
 class PeerCheck:
@@ -140,7 +161,8 @@ class PeerCheck:
         except VerifyError as exc:
             self.peer_id = None  # not vouched for: no verified ID to log
             return self.fail(exc.reason, exc.detail)
-        self.path = tuple(path)
+        self.leaf = _as_kept(path[0])
+        self.path = (self.leaf, *map(_shared, path[1:]))
         return True
 
     def check_resumed(self, cert: x509.Certificate, now: datetime) -> bool:
@@ -160,7 +182,10 @@ class PeerCheck:
                 return self.fail(reasons.CRL_STALE, stale)
             self.stale_crl = stale
         self.resumed = True
-        return self._authorize(peer_id)
+        if not self._authorize(peer_id):
+            return False
+        self.leaf = _as_kept(cert)
+        return True
 
     def _note(self, leaf: x509.Certificate) -> None:
         self.leaf = leaf

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from functools import partial
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from support.certs import DAY, HOUR, NOW, TD, WEB, Authority
 
@@ -52,6 +54,20 @@ def test_an_allowed_client_is_identified_and_its_verified_path_kept(authority):
     assert check.decision.allowed and check.failure is None
     assert check.path == path_of(authority, leaf)
     assert (check.serial, check.not_after) == (leaf.cert.serial_number, leaf.cert.not_valid_after_utc)
+
+
+def test_connections_keep_their_own_leaf_and_share_the_issuers_above_it(authority):
+    """What an idle connection keeps for reloads to check again: its leaf, parsed anew (without what the
+    checks parsed and cached on it), and the CA certificates above it as one copy every connection shares."""
+    leaf = authority.issue(WEB)
+    first, second = peer_check(store_of(authority)), peer_check(store_of(authority))
+    assert first.check_path(path_of(authority, leaf), NOW)
+    # OpenSSL hands each handshake its own parsed copies of the chain
+    copies = [x509.load_der_x509_certificate(cert.public_bytes(Encoding.DER)) for cert in path_of(authority, leaf)]
+    assert second.check_path(copies, NOW)
+    assert first.path == second.path == path_of(authority, leaf)
+    assert all(mine is theirs for mine, theirs in zip(first.path[1:], second.path[1:]))
+    assert first.leaf is first.path[0] and first.leaf is not leaf.cert
 
 
 def test_a_client_the_port_does_not_allow_is_refused_with_the_policy_sentence(authority):
