@@ -38,6 +38,7 @@ import errno
 import ipaddress
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -468,7 +469,7 @@ async def _pump(source: socket.socket, sink: socket.socket, link: Link, flow: st
             link.bytes_out += len(data)
         else:
             link.bytes_in += len(data)
-        link.last_activity = trio.current_time()
+        link.last_activity = time.monotonic()  # the clock of proxy.relay.Link
 
 
 # --- peeking at the ClientHello ---------------------------------------------------------------

@@ -3,30 +3,45 @@
 Theory of operation
 -------------------
 Once a connection is authorized, its two sockets leave trio's scheduler for the data phase: they
-join the ``Reactor``'s own epoll set, and a single trio task (the reactor) waits on that set's file
-descriptor. When the kernel reports activity, the reactor calls ``Relay.step`` for the connection
-concerned, which moves bytes in the direction that has news. One reactor wakeup serves every
-connection that is ready, instead of a task switch and an epoll registration per socket wait.
+join the ``Reactor``'s own level-triggered epoll set, which a thread of its own (the reactor
+thread) waits on with a blocking ``epoll_wait``. When the kernel reports activity, the reactor
+calls ``Relay.step`` for the connection concerned, which moves bytes in the direction that has
+news. One wakeup serves every connection that is ready, with no trio wakeup, epoll re-arm or task
+switch per socket wait. The thread holds the GIL only while it runs Python: it lets go while
+blocked in ``epoll_wait`` and in every ``SSL_read``/``SSL_write`` (cffi) and socket call, so the
+second core copies and encrypts while the trio thread runs handshakes, the admin API and reloads.
 
-``step`` reads into one module-wide scratch buffer and writes it out without awaiting anything,
-so the buffer is never shared mid-use and an idle connection holds no buffer at all. Only when the
-destination cannot take everything is the rest copied into a private ``bytes``; that direction
-reads nothing more until it is sent (its source socket leaves the epoll set meanwhile), so memory
-per connection is bounded by one scratch-sized chunk however slow the reader is. The set is
-level-triggered, so a step may stop before a socket would block: it stops after a short read (the
-sender flushed; epoll reports anything newer) or after a burst of chunks, after which a busy
-connection goes back on the ready list and the others get their turn.
+``step`` reads into one module-wide scratch buffer and writes it out within the same call, so the
+buffer is never shared mid-use (every step runs under the reactor's lock) and an idle connection
+holds no buffer at all. Only when the destination cannot take everything is the rest copied into a
+private ``bytes``; that direction reads nothing more until it is sent (its source socket leaves the
+epoll set meanwhile), so memory per connection is bounded by one scratch-sized chunk however slow
+the reader is. The set is level-triggered, so a step may stop before a socket would block: it stops
+after a short read (the sender flushed; epoll reports anything newer) or after a burst of chunks,
+after which a busy connection goes back on the ready list and the others get their turn.
 
 End of stream is forwarded as a half-close: a close_notify from the TLS peer becomes
 ``shutdown(SHUT_WR)`` on the plaintext socket, and a plaintext EOF becomes our close_notify plus
 ``shutdown(SHUT_WR)``; the other direction keeps flowing. A reset (or a TLS stream cut without
 close_notify, which could be a truncation) on either side ends the relay with ``Reset``, and the
-caller aborts both sides with an RST. A record OpenSSL refuses ends it with ``ProtocolError``: OpenSSL
-has sent its fatal alert, and the caller lets the alert reach the peer before closing. Idleness is timed by the sidecar's reaper, which reads
-``Link.last_activity``.
+caller aborts both sides with an RST. A record OpenSSL refuses ends it with ``ProtocolError``:
+OpenSSL has sent its fatal alert, and the caller lets the alert reach the peer before closing. A
+bug in one connection's step ends that connection with ``Reset`` (side "sidecar"), not the
+reactor. Idleness is timed by the sidecar's reaper, which reads ``Link.last_activity``
+(``time.monotonic``, a clock both threads can read).
 
-Who closes what: ``relay`` registers the sockets with the reactor and always unregisters them
+Which thread touches what: between ``Reactor.add`` and ``Reactor.remove``, only ``step`` reads,
+writes or shuts down the connection's two sockets and its SSL object, and every step runs under
+the reactor's lock, for a relay still in ``_by_fd``: the first one in ``add`` (trio thread, so
+bytes that already wait need no thread wakeup), all later ones in the reactor thread. ``remove``
+(trio thread) takes the same lock, so once it returns the reactor is done with that connection and
+its file descriptors are out of the epoll set: closing them cannot let a reused descriptor number
+reach the wrong connection. The end of a relay reaches trio through the trio token
+(``run_sync_soon``, once per batch of events), never by touching trio objects from the thread.
+
+Who closes what: ``relay`` registers the sockets with the reactor and always removes them
 before it returns, however it ends (cancellation included); it never closes them: the caller does.
+The reactor's thread is started and stopped by ``Reactor.run``, a task of the sidecar's root nursery.
 """
 
 from __future__ import annotations
@@ -35,6 +50,9 @@ import os
 import select
 import socket
 import struct
+import threading
+import time
+from collections.abc import Callable
 
 import trio
 from OpenSSL import SSL
@@ -80,7 +98,8 @@ class Link:
     """Byte counts and activity of one relayed connection.
 
     ``bytes_in`` flows from the TLS peer to the plaintext side, ``bytes_out`` the other way.
-    ``last_activity`` (trio time) is what the sidecar's idle reaper reads.
+    ``last_activity`` (``time.monotonic``: the reactor thread writes it) is what the sidecar's idle
+    reaper reads.
     """
 
     __slots__ = ("bytes_in", "bytes_out", "last_activity")
@@ -88,7 +107,7 @@ class Link:
     def __init__(self) -> None:
         self.bytes_in = 0
         self.bytes_out = 0
-        self.last_activity = trio.current_time()
+        self.last_activity = time.monotonic()
 
 
 def abort_socket(sock: socket.socket) -> None:
@@ -130,6 +149,7 @@ def _tls_failure(conn: SSL.Connection, result: int) -> Exception:
     return SSL.SysCallError(-1, "Unexpected EOF")
 
 
+_monotonic = time.monotonic
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
 _BURST = 16  # chunks per direction per step before a busy connection lets the others run
@@ -146,7 +166,7 @@ class Relay:
 
     __slots__ = (
         "tls", "ssl", "plain", "link", "to_plain", "to_tls", "tls_done", "plain_done", "failure", "finished",
-        "tls_fd", "plain_fd", "masks", "read_wants_write",
+        "tls_fd", "plain_fd", "tls_mask", "plain_mask", "read_wants_write", "on_finished",
     )
 
     def __init__(self, tls: TlsSocket, plain: socket.socket, link: Link):
@@ -161,22 +181,23 @@ class Relay:
         self.tls_done = False  # the peer's close_notify has been forwarded as a FIN to the app
         self.plain_done = False  # the app's FIN has been forwarded as our close_notify
         self.failure: Reset | None = None
-        self.finished = trio.Event()
-        self.masks = {self.tls_fd: 0, self.plain_fd: 0}  # 0: not in the epoll set
+        self.finished = False  # both directions ended, or one broke (``failure``)
+        self.tls_mask = self.plain_mask = 0  # the epoll interest registered; 0: not in the epoll set
         self.read_wants_write = False  # SSL_read must send something first (a TLS 1.3 KeyUpdate reply)
+        self.on_finished: Callable[[], object] | None = None  # the reactor calls it (via trio) once finished
 
-    def wanted(self) -> dict[int, int]:
-        """The epoll interest of each socket, from the state of the two directions."""
+    def wanted(self) -> tuple[int, int]:
+        """The epoll interest of the TLS socket and of the plaintext socket, from the state of the two directions."""
         tls = plain = 0
         if not self.tls_done and not self.to_plain:
-            tls |= _IN
+            tls = _IN
         if self.to_tls or self.read_wants_write:
             tls |= _OUT
         if not self.plain_done and not self.to_tls:
-            plain |= _IN
+            plain = _IN
         if self.to_plain:
             plain |= _OUT
-        return {self.tls_fd: tls, self.plain_fd: plain}
+        return tls, plain
 
     def step(self, fd: int | None = None) -> bool:
         """Move bytes where ``fd`` (None: both sockets) has news. True if it stopped for fairness."""
@@ -190,7 +211,7 @@ class Relay:
             self.failure = exc
             more = False
         if self.failure is not None or (self.tls_done and self.plain_done):
-            self.finished.set()
+            self.finished = True
             return False
         return more
 
@@ -221,7 +242,7 @@ class Relay:
                     break  # level-triggered: if more arrived, epoll says so again
             if filled:
                 self.link.bytes_in += filled
-                self.link.last_activity = trio.current_time()
+                self.link.last_activity = _monotonic()
                 try:
                     sent = self.plain.send(_scratch_view[:filled])
                 except BlockingIOError:
@@ -293,7 +314,7 @@ class Relay:
                 send_close_notify(self.tls)
                 return False
             self.link.bytes_out += n
-            self.link.last_activity = trio.current_time()
+            self.link.last_activity = _monotonic()
             written = self._write_tls(_scratch_ptr, n)
             if written < n:
                 self.to_tls = bytes(_scratch_view[written:n])
@@ -304,76 +325,169 @@ class Relay:
 
 
 class Reactor:
-    """One level-triggered epoll set for the data phase of every relayed connection, served by one trio task."""
+    """One level-triggered epoll set for the data phase of every relayed connection, served by one thread.
+
+    ``_lock`` guards ``_by_fd``, ``_ready``, ``_finished``, the epoll registrations, the scratch
+    buffer and every relay in ``_by_fd``: the reactor thread holds it while it handles a batch of
+    events, ``add`` (which takes a relay's first step) and ``remove`` take it from the trio thread.
+    """
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
+        self._lock = threading.Lock()
         self._by_fd: dict[int, Relay] = {}
-        self._ready: list[Relay] = []
-        # Wakes the reactor when work appears from outside its loop (a busy new connection).
+        self._ready: list[Relay] = []  # relays that stopped for fairness: stepped again without waiting
+        self._finished: list[Callable[[], object]] = []  # on_finished of relays that ended, for trio to run
+        self._stopping = False
+        # Wakes the thread when work appears from outside its loop (a new connection) or it must stop.
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wakeup, select.EPOLLIN)
+        self._token = trio.lowlevel.current_trio_token()  # how the thread hands trio the ends of relays
 
-    def add(self, relay: Relay) -> None:
-        """Start relaying: a first step now (bytes may already wait in OpenSSL or the socket)."""
-        for fd in (relay.tls_fd, relay.plain_fd):
-            self._by_fd[fd] = relay
-        self._run_step(relay, None)
-        if self._ready:
-            os.eventfd_write(self._wakeup, 1)
+    def add(self, relay: Relay, on_finished: Callable[[], object]) -> None:
+        """Start relaying; ``on_finished`` runs in trio (soon, never within this call) once
+        ``relay.finished``. The first step is taken here and now (bytes may already wait in OpenSSL
+        or the socket), which spares the thread a wakeup per connection."""
+        relay.on_finished = on_finished
+        with self._lock:
+            self._by_fd[relay.tls_fd] = self._by_fd[relay.plain_fd] = relay
+            self._run_step(relay, None)
+            self._report_finished()
+            busy = bool(self._ready)
+        if busy:
+            os.eventfd_write(self._wakeup, 1)  # the thread may be asleep with nothing else to do
 
     def remove(self, relay: Relay) -> None:
-        for fd in (relay.tls_fd, relay.plain_fd):
-            if self._by_fd.get(fd) is relay:
-                del self._by_fd[fd]
-                if relay.masks[fd]:
-                    relay.masks[fd] = 0
-                    self._epoll.unregister(fd)
+        """Take the relay out: once this returns, the thread no longer touches its sockets or SSL object."""
+        with self._lock:
+            if self._by_fd.get(relay.tls_fd) is relay:
+                del self._by_fd[relay.tls_fd]
+                del self._by_fd[relay.plain_fd]
+                self._unregister(relay)
+
+    def _unregister(self, relay: Relay) -> None:
+        if relay.tls_mask:
+            relay.tls_mask = 0
+            self._epoll.unregister(relay.tls_fd)
+        if relay.plain_mask:
+            relay.plain_mask = 0
+            self._epoll.unregister(relay.plain_fd)
 
     def _rearm(self, relay: Relay) -> None:
         """Watch exactly what the relay wants. A socket wanted for nothing leaves the set, so that
         a hang-up or error on it cannot wake us again and again (epoll always reports those)."""
-        for fd, mask in relay.wanted().items():
-            current = relay.masks[fd]
-            if current == mask:
-                continue
-            relay.masks[fd] = mask
-            if not mask:
-                self._epoll.unregister(fd)
-            elif not current:
-                self._epoll.register(fd, mask)
-            else:
-                self._epoll.modify(fd, mask)
+        tls, plain = relay.wanted()
+        if tls != relay.tls_mask:
+            self._set_interest(relay.tls_fd, relay.tls_mask, tls)
+            relay.tls_mask = tls
+        if plain != relay.plain_mask:
+            self._set_interest(relay.plain_fd, relay.plain_mask, plain)
+            relay.plain_mask = plain
+
+    def _set_interest(self, fd: int, current: int, mask: int) -> None:
+        if not mask:
+            self._epoll.unregister(fd)
+        elif not current:
+            self._epoll.register(fd, mask)
+        else:
+            self._epoll.modify(fd, mask)
 
     def _run_step(self, relay: Relay, fd: int | None) -> None:
-        if relay.finished.is_set():
+        """One step of a relay still in the set (under the lock). A relay that finished leaves the
+        epoll set at once and trio hears of it; any exception fails that connection only."""
+        if relay.finished or self._by_fd.get(relay.tls_fd) is not relay:
             return
-        if relay.step(fd):
-            self._ready.append(relay)
-        if not relay.finished.is_set():
-            self._rearm(relay)
-
-    async def run(self) -> None:
-        """Serve events until cancelled. Never raises on a connection's behalf: ``step`` records it."""
         try:
-            while True:
-                if self._ready:
-                    await trio.lowlevel.checkpoint()
-                else:
-                    await trio.lowlevel.wait_readable(self._epoll.fileno())
+            if relay.step(fd):
+                self._ready.append(relay)
+            if not relay.finished:
+                self._rearm(relay)
+                return
+        except Exception as exc:  # a bug in one connection's step must not stop the others
+            relay.failure = Reset("sidecar", f"internal error in the relay: {exc!r}")
+            relay.finished = True
+        try:
+            self._unregister(relay)
+        except OSError:
+            pass  # the failure above may have come from epoll itself; the relay is finished either way
+        self._finished.append(relay.on_finished)
+
+    def _report_finished(self) -> None:
+        """Hand trio the ``on_finished`` of the relays that ended (one wakeup for a whole batch)."""
+        if self._finished:
+            callbacks, self._finished = self._finished, []
+            self._token.run_sync_soon(_call_each, callbacks)
+
+    def _serve(self) -> None:
+        """The reactor thread: wait for events, step the relays concerned, until ``_stopping``."""
+        epoll, lock, by_fd, wakeup = self._epoll, self._lock, self._by_fd, self._wakeup
+        while True:
+            events = epoll.poll(0 if self._ready else -1)  # the GIL is released while blocked
+            with lock:
+                if self._stopping:
+                    return
                 ready, self._ready = self._ready, []
                 for relay in ready:
                     self._run_step(relay, None)
-                for fd, _events in self._epoll.poll(0):
-                    if fd == self._wakeup:
-                        os.eventfd_read(self._wakeup)
+                for fd, _events in events:
+                    if fd == wakeup:
+                        os.eventfd_read(wakeup)
                         continue
-                    relay = self._by_fd.get(fd)
+                    relay = by_fd.get(fd)
                     if relay is not None:
                         self._run_step(relay, fd)
+                self._report_finished()
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        """The thread itself broke (not one step): end every connection it was serving."""
+        with self._lock:
+            for relay in set(self._by_fd.values()):
+                try:
+                    self._unregister(relay)
+                except (OSError, ValueError):  # the epoll set itself may be what broke
+                    relay.tls_mask = relay.plain_mask = 0  # nothing watches it any more: remove need not try
+                if not relay.finished:
+                    relay.failure = Reset("sidecar", f"the relay thread failed: {exc!r}")
+                    relay.finished = True
+                    self._finished.append(relay.on_finished)
+            self._report_finished()
+
+    async def run(self) -> None:
+        """Run the reactor thread until cancelled (then stop and join it). Raises if the thread dies
+        of anything but a stop: the data plane would be gone, and the sidecar must not go on."""
+        died: list[BaseException] = []
+        ended = trio.Event()
+
+        def serve() -> None:
+            try:
+                self._serve()
+            except BaseException as exc:
+                died.append(exc)
+                self._fail_everything(exc)
+            finally:
+                try:
+                    self._token.run_sync_soon(ended.set)
+                except trio.RunFinishedError:
+                    pass
+
+        thread = threading.Thread(target=serve, name="relay-reactor", daemon=True)
+        thread.start()
+        try:
+            await ended.wait()  # only a thread that died ends before it is told to stop
+            raise RuntimeError(f"the relay thread stopped: {died[0]!r}") from died[0]
         finally:
-            self._epoll.close()
-            os.close(self._wakeup)
+            with trio.CancelScope(shield=True):
+                with self._lock:
+                    self._stopping = True
+                os.eventfd_write(self._wakeup, 1)
+                await trio.to_thread.run_sync(thread.join)
+                self._epoll.close()
+                os.close(self._wakeup)
+
+
+def _call_each(callbacks: list[Callable[[], object]]) -> None:
+    for callback in callbacks:
+        callback()
 
 
 def send_close_notify(tls: TlsSocket) -> None:
@@ -396,9 +510,10 @@ async def relay(reactor: Reactor, tls: TlsSocket, plain: socket.socket, link: Li
     are out of the reactor by then either way.
     """
     state = Relay(tls, plain, link)
-    reactor.add(state)
+    finished = trio.Event()
+    reactor.add(state, finished.set)
     try:
-        await state.finished.wait()
+        await finished.wait()
     finally:
         reactor.remove(state)
     if state.failure is not None:

@@ -34,6 +34,7 @@ import gc
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -436,7 +437,7 @@ class Sidecar:
         while True:
             idle = self.snapshot.config.timeouts.idle
             await trio.sleep(max(0.05, min(1.0, idle / 10)))
-            now = trio.current_time()
+            now = time.monotonic()  # the clock of Link.last_activity, which the relay thread writes
             for tracked in list(self.open):
                 link = tracked.link
                 if link is not None and now - link.last_activity >= idle and tracked.idle_detail is None:

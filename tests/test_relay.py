@@ -1,8 +1,9 @@
-"""proxy.relay.Relay.step: the data phase of one connection, driven by hand over two socketpairs.
+"""proxy.relay: the data phase of one connection over two socketpairs, by hand and through the reactor.
 
 The sidecar's TLS end and a peer are real pyOpenSSL connections (TLS 1.3) over one socketpair; the
-sidecar's plaintext end and the app are the two ends of another. A test writes on the peer or the app,
-calls ``step`` as the reactor would when a socket has news, and reads what came out on the other side.
+sidecar's plaintext end and the app are the two ends of another. Most tests write on the peer or the
+app, call ``step`` as the reactor would when a socket has news, and read what came out on the other
+side; the last ones run ``relay`` on a real ``Reactor`` and its thread.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import socket
 from dataclasses import dataclass
 
 import pytest
+import trio
 from OpenSSL import SSL
 from support.certs import API
 
 from mtls.tlsio import TlsStream, present, tls13_context
-from proxy.relay import SCRATCH_SIZE, Link, Relay
+from proxy.relay import SCRATCH_SIZE, Link, Reactor, Relay, Reset, relay
 
 
 @dataclass
@@ -43,8 +45,7 @@ def _handshake(*conns: SSL.Connection) -> None:
     raise AssertionError("the in-memory handshake did not finish")
 
 
-@pytest.fixture
-def ends(authority):
+def make_ends(authority) -> Ends:
     """A completed TLS 1.3 handshake between the sidecar's end and the peer, and a plaintext pair."""
     leaf = authority.issue(API)
     server_ctx = tls13_context()
@@ -57,9 +58,19 @@ def ends(authority):
     peer = SSL.Connection(tls13_context(), peer_sock)
     peer.set_connect_state()
     _handshake(tls.conn, peer)
-    yield Ends(tls, plain, peer, peer_sock, app)
-    for sock in (sidecar_sock, peer_sock, plain, app):
+    return Ends(tls, plain, peer, peer_sock, app)
+
+
+def close_ends(ends: Ends) -> None:
+    for sock in (ends.tls.sock, ends.peer_sock, ends.plain, ends.app):
         sock.close()
+
+
+@pytest.fixture
+def ends(authority):
+    ends = make_ends(authority)
+    yield ends
+    close_ends(ends)
 
 
 def relay_of(ends: Ends) -> Relay:
@@ -69,7 +80,7 @@ def relay_of(ends: Ends) -> Relay:
 def steps(relay: Relay, fd: int | None = None) -> None:
     """What the level-triggered reactor does while ``fd`` (None: either socket) has news: step again."""
     for _ in range(4):
-        if relay.finished.is_set():
+        if relay.finished:
             return
         relay.step(fd)
 
@@ -99,7 +110,7 @@ def peer_reads(ends: Ends) -> tuple[bytes, bool]:
             return bytes(got), True
 
 
-async def test_bytes_from_the_peer_reach_the_app_and_are_counted_in(ends):
+def test_bytes_from_the_peer_reach_the_app_and_are_counted_in(ends):
     relay = relay_of(ends)
     ends.peer.sendall(b"hello app")
     steps(relay, relay.tls_fd)
@@ -107,7 +118,7 @@ async def test_bytes_from_the_peer_reach_the_app_and_are_counted_in(ends):
     assert (relay.link.bytes_in, relay.link.bytes_out) == (9, 0)
 
 
-async def test_bytes_from_the_app_reach_the_peer_and_are_counted_out(ends):
+def test_bytes_from_the_app_reach_the_peer_and_are_counted_out(ends):
     relay = relay_of(ends)
     ends.app.sendall(b"hello peer")
     steps(relay, relay.plain_fd)
@@ -115,7 +126,7 @@ async def test_bytes_from_the_app_reach_the_peer_and_are_counted_out(ends):
     assert (relay.link.bytes_in, relay.link.bytes_out) == (0, 10)
 
 
-async def test_megabytes_cross_both_ways_at_once_intact(ends):
+def test_megabytes_cross_both_ways_at_once_intact(ends):
     relay = relay_of(ends)
     to_app, to_peer = bytes(range(256)) * 8192, bytes(range(255, -1, -1)) * 8192  # 2 MiB each
     sent_by_peer = sent_by_app = 0
@@ -140,21 +151,21 @@ async def test_megabytes_cross_both_ways_at_once_intact(ends):
     assert (relay.link.bytes_in, relay.link.bytes_out) == (len(to_app), len(to_peer))
 
 
-async def test_close_notify_from_the_peer_reaches_the_app_as_eof_and_the_reply_still_flows(ends):
+def test_close_notify_from_the_peer_reaches_the_app_as_eof_and_the_reply_still_flows(ends):
     relay = relay_of(ends)
     ends.peer.sendall(b"last words")
     ends.peer.shutdown()  # close_notify: the peer sends no more but keeps reading
     steps(relay, relay.tls_fd)
     assert app_reads(ends) == (b"last words", True)
-    assert not relay.finished.is_set()
+    assert not relay.finished
     ends.app.sendall(b"the reply")
     ends.app.shutdown(socket.SHUT_WR)
     steps(relay, relay.plain_fd)
     assert peer_reads(ends) == (b"the reply", True)
-    assert relay.finished.is_set() and relay.failure is None
+    assert relay.finished and relay.failure is None
 
 
-async def test_eof_from_the_app_becomes_our_close_notify_and_the_peer_can_still_send(ends):
+def test_eof_from_the_app_becomes_our_close_notify_and_the_peer_can_still_send(ends):
     relay = relay_of(ends)
     ends.app.shutdown(socket.SHUT_WR)
     steps(relay, relay.plain_fd)
@@ -162,38 +173,38 @@ async def test_eof_from_the_app_becomes_our_close_notify_and_the_peer_can_still_
     ends.peer.sendall(b"one more thing")
     steps(relay, relay.tls_fd)
     assert app_reads(ends) == (b"one more thing", False)
-    assert not relay.finished.is_set()
+    assert not relay.finished
 
 
-async def test_a_tls_stream_cut_without_close_notify_is_a_reset_of_the_tls_side(ends):
+def test_a_tls_stream_cut_without_close_notify_is_a_reset_of_the_tls_side(ends):
     relay = relay_of(ends)
     ends.peer_sock.shutdown(socket.SHUT_WR)  # a FIN with no close_notify before it: maybe a truncation
     steps(relay, relay.tls_fd)
-    assert relay.finished.is_set()
+    assert relay.finished
     assert relay.failure.side == "tls" and "no close_notify" in relay.failure.detail
 
 
-async def test_a_fatal_alert_from_the_peer_is_a_reset_that_names_the_alert(ends):
+def test_a_fatal_alert_from_the_peer_is_a_reset_that_names_the_alert(ends):
     relay = relay_of(ends)
     # A record the peer cannot decrypt, written under the sidecar's TLS layer: the peer answers bad_record_mac.
     ends.tls.sock.sendall(b"\x17\x03\x03\x00\x20" + bytes(32))
     with pytest.raises(SSL.Error):
         ends.peer.recv(100)
     steps(relay, relay.tls_fd)
-    assert relay.finished.is_set()
+    assert relay.finished
     assert (relay.failure.side, relay.failure.alert) == ("tls", "bad_record_mac")
 
 
-async def test_an_app_that_is_gone_is_a_reset_of_the_plain_side(ends):
+def test_an_app_that_is_gone_is_a_reset_of_the_plain_side(ends):
     relay = relay_of(ends)
     ends.app.close()
     ends.peer.sendall(b"anyone there?")
     steps(relay)
-    assert relay.finished.is_set()
+    assert relay.finished
     assert relay.failure.side == "plain"
 
 
-async def test_an_app_that_stops_reading_stops_the_relay_reading_the_peer(ends):
+def test_an_app_that_stops_reading_stops_the_relay_reading_the_peer(ends):
     relay = relay_of(ends)
     chunk = bytes(16384)
     pushed = 0
@@ -219,3 +230,147 @@ async def test_an_app_that_stops_reading_stops_the_relay_reading_the_peer(ends):
         if len(received) == pushed:
             break
     assert bytes(received) == bytes(pushed)
+
+
+# --- through the reactor's thread ------------------------------------------------------------
+
+
+@pytest.fixture
+async def reactor(nursery):
+    """A running reactor; the test's nursery stops (and joins) its thread at the end."""
+    reactor = Reactor()
+    nursery.start_soon(reactor.run)
+    return reactor
+
+
+async def app_gets(ends: Ends, size: int) -> bytes:
+    got = b""
+    with trio.fail_after(5):
+        while len(got) < size:
+            await trio.lowlevel.wait_readable(ends.app)
+            got += ends.app.recv(65536)
+    return got
+
+
+async def peer_gets(ends: Ends, size: int) -> bytes:
+    got = b""
+    with trio.fail_after(5):
+        while len(got) < size:
+            await trio.lowlevel.wait_readable(ends.peer_sock)
+            try:
+                got += ends.peer.recv(65536)
+            except SSL.WantReadError:
+                pass
+    return got
+
+
+async def round_trip(ends: Ends) -> None:
+    ends.peer.sendall(b"ping")
+    assert await app_gets(ends, 4) == b"ping"
+    ends.app.sendall(b"pong")
+    assert await peer_gets(ends, 4) == b"pong"
+
+
+def start_relay(reactor: Reactor, nursery: trio.Nursery, ends: Ends, link: Link) -> trio.Event:
+    """Run ``relay`` in a task; the event is set when it returned (an exception fails the test)."""
+    ended = trio.Event()
+
+    async def run() -> None:
+        await relay(reactor, ends.tls, ends.plain, link)
+        ended.set()
+
+    nursery.start_soon(run)
+    return ended
+
+
+async def half_close_both(ends: Ends, ended: trio.Event) -> None:
+    """The peer's close_notify and the app's FIN: the relay returns, then the sockets may be closed."""
+    ends.peer.shutdown()
+    ends.app.shutdown(socket.SHUT_WR)
+    with trio.fail_after(5):
+        await ended.wait()
+
+
+async def test_the_reactor_relays_both_ways_until_each_side_half_closed(ends, reactor, nursery):
+    link = Link()
+    ended = start_relay(reactor, nursery, ends, link)
+    await round_trip(ends)
+    await half_close_both(ends, ended)
+    assert (link.bytes_in, link.bytes_out) == (4, 4)
+
+
+async def test_once_a_cancelled_relay_returns_the_reactor_leaves_its_sockets_alone(authority, ends, reactor, nursery):
+    ended = trio.Event()
+    scope = trio.CancelScope()
+
+    async def run() -> None:
+        with scope:
+            await relay(reactor, ends.tls, ends.plain, Link())
+        ended.set()
+
+    nursery.start_soon(run)
+    await round_trip(ends)
+    scope.cancel()  # what the idle reaper, a drain deadline or a policy_revoked does
+    await ended.wait()
+    ends.peer.sendall(b"unread")
+    other = make_ends(authority)
+    other_ended = start_relay(reactor, nursery, other, Link())
+    await round_trip(other)  # the reactor thread went round after the bytes above arrived
+    assert ends.tls.sock.recv(100, socket.MSG_PEEK), "the relay that returned read nothing more"
+    with pytest.raises(BlockingIOError):
+        ends.app.recv(100)
+    await half_close_both(other, other_ended)
+    close_ends(other)
+
+
+async def test_a_bug_in_one_connections_step_resets_it_and_the_others_go_on(authority, ends, reactor, nursery,
+                                                                             monkeypatch):
+    doomed = Link()
+    original = Relay._plain_to_tls
+
+    def broken_for_doomed(self: Relay) -> bool:
+        if self.link is doomed:
+            raise ZeroDivisionError("a bug")
+        return original(self)
+
+    monkeypatch.setattr(Relay, "_plain_to_tls", broken_for_doomed)
+    with pytest.raises(Reset) as failed:
+        with trio.fail_after(5):
+            await relay(reactor, ends.tls, ends.plain, doomed)
+    assert failed.value.side == "sidecar" and "ZeroDivisionError" in failed.value.detail
+    other = make_ends(authority)
+    other_ended = start_relay(reactor, nursery, other, Link())
+    await round_trip(other)
+    await half_close_both(other, other_ended)
+    close_ends(other)
+
+
+async def test_a_reactor_thread_that_dies_resets_its_connections_and_fails_the_sidecar_loudly(ends):
+    reactor = Reactor()
+    stopped: list[RuntimeError] = []
+    failures: list[Reset] = []
+    relay_ended = trio.Event()
+
+    async def run_reactor() -> None:
+        try:
+            await reactor.run()
+        except RuntimeError as exc:
+            stopped.append(exc)
+
+    async def run_relay() -> None:
+        try:
+            await relay(reactor, ends.tls, ends.plain, Link())
+        except Reset as exc:
+            failures.append(exc)
+        relay_ended.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_reactor)
+        nursery.start_soon(run_relay)
+        await round_trip(ends)
+        reactor._epoll.close()  # the thread's next epoll_wait fails: a fault outside any one connection
+        ends.peer.sendall(b"wake up")
+        with trio.fail_after(5):
+            await relay_ended.wait()
+    assert "the relay thread stopped" in str(stopped[0])
+    assert failures[0].side == "sidecar" and "the relay thread failed" in failures[0].detail
