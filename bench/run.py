@@ -6,6 +6,7 @@ Figures: bulk MB/s (1 and 8 connections, into a discard sink), new connections/s
 handshake each (wrk, Connection: close), request/reply latency and rate on keep-alive connections
 (wrk --latency), RSS per idle connection (1000 held through the pair), and the proxies' CPU time.
 The scale section (scale.py, no pairs): reload stall, handshake CPU and CRL build time as the work grows.
+The egress section (egress_cost.py, network namespaces, root): the egress path's cost against `outbound:`.
 Each round starts every system afresh; figures are medians over rounds. Results (table, raw JSON,
 configs, logs) go to bench/results/<timestamp>/. It is a benchmark, not a test: see bench/README.md.
 """
@@ -24,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import egress_cost
 import figures
 import report
 import scale
@@ -33,9 +35,10 @@ from systems import SUITES, SYSTEMS, HttpBackend, Pair, Sink, make_identities, t
 
 BENCH_DIR = Path(__file__).resolve().parent
 PAIR_SECTIONS = ("bulk", "conn", "latency", "memory")
-SECTIONS = (*PAIR_SECTIONS, "scale")
+SECTIONS = (*PAIR_SECTIONS, "scale", "egress")
 PEERS = ("stunnel", "haproxy", "direct", "ours-resumed")
-APT_PACKAGES = {"wrk": ["wrk"], "stunnel4": ["stunnel4"], "haproxy": ["haproxy"], "nginx": ["nginx-light", "nginx"]}
+APT_PACKAGES = {"wrk": ["wrk"], "stunnel4": ["stunnel4"], "haproxy": ["haproxy"], "nginx": ["nginx-light", "nginx"],
+                "nft": ["nftables"]}
 FULL = {"bulk_bytes": 1 << 30, "bulk_cap_s": 30, "conn_s": 10, "latency_s": 8, "idle_conns": 1000, "rounds": 3}
 QUICK = {"bulk_bytes": 1 << 28, "bulk_cap_s": 15, "conn_s": 3, "latency_s": 3, "idle_conns": 1000, "rounds": 1}
 
@@ -94,9 +97,9 @@ def install_missing(programs: list[str], allowed: bool, log_path: Path) -> list[
 
 
 def programs_needed(args) -> list[str]:
+    needed = ["nft"] if "egress" in args.only else []
     if not set(PAIR_SECTIONS) & set(args.only):
-        return []
-    needed = []
+        return needed
     if {"conn", "latency"} & set(args.only):
         needed += ["wrk", "nginx"]
     elif "memory" in args.only:
@@ -125,6 +128,7 @@ class Bench:
         self.source = "unknown"
         self.sections = list(args.only)
         self.scale: list[dict] = []  # rows of the scale section
+        self.egress: dict = {}  # the egress section's runs, medians and notes
 
     @property
     def pair_sections(self) -> list[str]:
@@ -140,6 +144,9 @@ class Bench:
                 self.notes.append(f"wrk is not installed: skipped {', '.join(dropped)}")
                 self.sections = [s for s in self.sections if s not in dropped]
         self.source = _source_state()
+        if "egress" in self.sections and (why := egress_cost.unavailable()):
+            self.notes.append(why)
+            self.sections.remove("egress")
         if not self.pair_sections:
             return
         for name in ["ours", *self.args.peers]:
@@ -166,6 +173,9 @@ class Bench:
             for row in scale.rows(self.args.quick, say):
                 self.scale.append(row)
                 say(f"  {row['setting']}: {row['value']}")
+        if "egress" in self.sections:
+            egress_cost.run(self.egress, self.amounts["rounds"], self.args.quick, self.workdir / "egress",
+                            self.confdir, self.logdir, say)
 
     def run_pairs(self) -> None:
         rounds = self.amounts["rounds"]
@@ -255,7 +265,7 @@ class Bench:
             "(ServerHello seen on the wire between the two sides): "
             + (", ".join(f"{name} {suite}" for name, suite in self.suites.items()) or "not probed") + ". "
             "Our sidecar also checks the peer's SPIFFE ID against the port's rule; stunnel and haproxy verify the "
-            "chain only. haproxy runs one thread per CPU, stunnel one thread per connection, our sidecar one event loop in one thread.",
+            "chain only. haproxy runs one thread per CPU, stunnel one thread per connection, our sidecar one event loop (handshakes) plus one data-phase thread.",
             "",
         ]
         scale_part = [
@@ -271,6 +281,20 @@ class Bench:
             "revoked certificates (`crl_build.py`), median of rounds.",
             "",
         ]
+        egress_part = [
+            "## Egress path against `outbound:`",
+            "",
+            egress_cost.table(self.egress),
+            "",
+            "One client-side sidecar in a network namespace of its own, with an `outbound:` listener and an egress "
+            "listener to the same server-side sidecar (another namespace) in front of an echo; `proxy redirect "
+            "--apply` in the client's namespace. The load client (uid 65534, same namespace) dials the outbound port "
+            "on loopback (explicit) or the server's address, redirected to the egress listener, which matches an "
+            "`expect` rule and originates mTLS (egress). Each connection: connect, 64 bytes and their echo, close; "
+            "a full mTLS handshake each. The paths take turns in 1-second slices; medians of rounds. CPU: utime+stime "
+            "(/proc/PID/stat) of each sidecar over its path's slices, per 1000 connections completed.",
+            "",
+        ]
         text = "\n".join([
             f"# mtls-sidecar benchmark, {self.out.name}" + (" (INTERRUPTED: partial)" if interrupted else ""),
             "",
@@ -280,10 +304,11 @@ class Bench:
             "",
             *(pairs_part if self.pair_sections else []),
             *(scale_part if "scale" in self.sections else []),
+            *(egress_part if "egress" in self.sections else []),
             "## Notes",
             "",
-            *(f"- {note}" for note in self.notes + problems),
-            *(["- none"] if not self.notes + problems else []),
+            *(f"- {note}" for note in self.notes + problems + self.egress.get("notes", [])),
+            *(["- none"] if not self.notes + problems + self.egress.get("notes", []) else []),
         ]) + "\n"
         (self.out / "results.md").write_text(text)
         (self.out / "results.json").write_text(json.dumps({
@@ -291,6 +316,7 @@ class Bench:
             "suites": self.suites,
             "interrupted": interrupted, "summary": summary, "notes": self.notes, "problems": problems,
             "measurements": self.measurements, "pairs": self.pairs, "scale": self.scale,
+            "egress": self.egress,
         }, indent=1) + "\n")
         return text
 
@@ -348,7 +374,7 @@ def main(argv=None) -> int:
     finally:
         Child.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
-        if bench.measurements or bench.scale or not interrupted:
+        if bench.measurements or bench.scale or bench.egress or not interrupted:
             print(bench.write(interrupted))
             say(f"written: {out / 'results.md'}, {out / 'results.json'}")
     return 130 if interrupted else 0
