@@ -16,6 +16,7 @@ ROWS = [
     ("conn_cpu_s_per_1000", "proxy CPU s per 1000 new connections (both sides), c=64", "lower", 2),
     ("latency_1_p50_us", "request/reply p50 latency, c=1, us", "lower", 0),
     ("latency_32_per_s", "request/reply req/s, c=32, keep-alive", "higher", 0),
+    ("latency_32_p99_us", "request/reply p99 latency, c=32, us", "lower", 0),
     ("latency_cpu_us_per_req", "proxy CPU us per request (both sides), c=32, keep-alive", "lower", 0),
     ("rss_start_KiB", "RSS with 0 connections, KiB (both sides)", "lower", 0),
     ("KiB_per_conn_client", "KiB per idle connection, client side", "lower", 1),
@@ -37,7 +38,7 @@ def figures_of(kind: str, result: dict) -> dict[str, float]:
     if kind == "latency_1":
         return {"latency_1_p50_us": result.get("p50_us")}
     if kind == "latency_32":
-        found = {"latency_32_per_s": result.get("rate_per_s")}
+        found = {"latency_32_per_s": result.get("rate_per_s"), "latency_32_p99_us": result.get("p99_us")}
         if result.get("requests") and cpu_both:
             found["latency_cpu_us_per_req"] = cpu_both / result["requests"] * 1e6
         return found
