@@ -106,7 +106,7 @@ class Ours:
             f"{listeners}"
             f"admin: {{listen: 127.0.0.1:{admin_port}}}\n"
             "timeouts: {drain: 5s}\n"
-            "limits: {max_connections: 20000}\n"
+            "limits: {max_connections: 5000}\n"
             "log: {level: warning, format: json}\n"
             f"{self.extra}"
         )
