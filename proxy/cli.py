@@ -121,29 +121,21 @@ def _cmd_enroll(args) -> int:
 
 
 def _cmd_redirect(args) -> int:
-    from proxy.redirect import RedirectError, Target, redirect_main, target_from_config
+    from proxy.redirect import RedirectError, redirect_main, requested_rules
 
     action = "apply" if args.apply else "remove" if args.remove else "print"
-    target = None
-    if action != "remove":
-        if args.uid is None:
-            print("proxy redirect: --uid is required: the sidecar's uid, whose connections are not redirected",
-                  file=sys.stderr)
-            return 2
-        if args.port is not None:
-            target = Target(args.port, args.ipv6, args.uid)
-        else:
-            config_path = _config_path(args)
-            if config_path is None:
-                print("proxy redirect: pass --port PORT, or a config with an egress section (-c FILE or "
-                      "PROXY_CONFIG)", file=sys.stderr)
-                return 2
-            try:
-                target = target_from_config(config_path, args.uid)
-            except RedirectError as exc:
-                print(f"proxy redirect: {exc}", file=sys.stderr)
-                return 2
-    return redirect_main(action, target, args.backend, sys.stdout, sys.stderr)
+    rules = None
+    try:
+        if action == "remove" and (args.egress or args.inbound):
+            raise RedirectError("--remove takes away every rule --apply wrote, egress and inbound, and takes no "
+                                "--egress or --inbound; to keep some, --apply them alone (it replaces the rest)")
+        if action != "remove":
+            rules = requested_rules(_config_path(args), egress=args.egress or not args.inbound, inbound=args.inbound,
+                                    uid=args.uid, port=args.port, ipv6=args.ipv6)
+    except RedirectError as exc:
+        print(f"proxy redirect: {exc}", file=sys.stderr)
+        return 2
+    return redirect_main(action, rules, args.backend, sys.stdout, sys.stderr)
 
 
 def _cmd_suggest(args) -> int:
@@ -185,13 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.set_defaults(func=_cmd_enroll)
 
     redirect = sub.add_parser(
-        "redirect", help="print, apply or remove the rules sending the app's outbound TCP to the egress listener")
+        "redirect", help="print, apply or remove the rules sending the app's outbound TCP to the egress listener "
+                         "(and, with --inbound, outside TCP to the app's ports to the inbound listeners)")
     action = redirect.add_mutually_exclusive_group(required=True)
     action.add_argument("--print", action="store_true", help="print the script --apply runs")
     action.add_argument("--apply", action="store_true", help="apply the rules (needs CAP_NET_ADMIN)")
     action.add_argument("--remove", action="store_true", help="remove the rules")
+    redirect.add_argument("--egress", action="store_true", help="the egress rules (the default without --inbound)")
+    redirect.add_argument("--inbound", action="store_true",
+                          help="outside TCP to each inbound listener's forward port goes to its listen port")
     redirect.add_argument("--uid", type=int, help="the sidecar's uid: its own connections are not redirected")
-    redirect.add_argument("-c", "--config", help="config whose egress.listen to redirect to (default: $PROXY_CONFIG)")
+    redirect.add_argument("-c", "--config", help="config naming the listeners to redirect to (default: $PROXY_CONFIG)")
     redirect.add_argument("--port", type=int, help="the egress listener's port, instead of reading a config")
     redirect.add_argument("--ipv6", action="store_true", help="with --port: the listener is on [::1]")
     redirect.add_argument("--backend", choices=("nft", "iptables"), help="default: nft if installed, else iptables")
