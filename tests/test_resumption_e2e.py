@@ -37,6 +37,9 @@ def test_sidecars_resume_sessions_and_a_reload_forces_a_full_handshake(ids, tmp_
     try:
         for i in range(5):
             assert echo_through(web.ports["api"], b"call %d" % i) == b"call %d" % i
+            # web keeps a connection's session once that connection has ended: wait for it, so the
+            # next connection finds it (the relay's end reaches the event loop from another thread)
+            wait_until(lambda: web.count(lambda e: e["event"] == "conn_closed") == i + 1, what="web's close")
         wait_until(lambda: api.count(lambda e: e["event"] == "conn_allowed") == 5, what="five decisions")
         assert resumed_allowed(api) == 4  # the first connection is a full handshake, the rest resume
         assert resumed_allowed(web) == 4
