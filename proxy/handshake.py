@@ -7,8 +7,9 @@ certificate exchange, so its stored peer certificate is checked again here.
 
 Memory: an OpenSSL connection object costs about 50 KiB, so a server-side one is made only once
 the client's first TLS record has fully arrived (``await_first_record``). Until then an accepted
-connection is a socket and a waiting task; the kernel, told by SO_RCVLOWAT how many bytes to wait
-for, wakes the task only when there is something for OpenSSL to work on.
+connection is a socket and a waiting task, woken when its first bytes arrive (usually the whole
+ClientHello at once) and, if the record is not whole yet, by the kernel told with SO_RCVLOWAT how
+many bytes to wait for, only when there is something for OpenSSL to work on.
 """
 
 from __future__ import annotations
@@ -98,25 +99,47 @@ _MAX_FIRST_RECORD = 16384 + 256  # a TLSPlaintext record's largest length; a lar
 async def await_first_record(sock: socket.socket) -> None:
     """Return once the client's first TLS record has arrived whole, or the socket is at EOF or broken.
 
-    Two waits for readability, each with SO_RCVLOWAT set so the kernel wakes us only when the bytes
-    are all there: first the record header, then the whole record (for a ClientHello, usually one
-    record of under 2 KiB). Nothing is consumed: OpenSSL reads the bytes afterwards. A client that
-    trickles or stalls costs a socket and this task, not an OpenSSL object. What is not a TLS
-    handshake record is left for OpenSSL to refuse in its own words. No deadline here: the caller's.
+    Wait for readability, peek at what arrived, and when the record is not whole yet, wait again
+    with SO_RCVLOWAT set so that the kernel wakes us only when all of it is there (first the
+    record header if even that is partial, then the whole record). A ClientHello is usually one
+    record of under 2 KiB in one segment: one wait, one peek. Nothing is consumed: OpenSSL reads
+    the bytes afterwards. A client that trickles or stalls costs a socket and this task, not an
+    OpenSSL object. What is not a TLS handshake record is left for OpenSSL to refuse in its own
+    words. No deadline here: the caller's.
     """
+    lowat = 1  # the socket's SO_RCVLOWAT: how many bytes the last wait waited for
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _TLS_RECORD_HEADER)
-        await trio.lowlevel.wait_readable(sock)
-        header = sock.recv(_TLS_RECORD_HEADER, socket.MSG_PEEK)
-        if len(header) == _TLS_RECORD_HEADER and header[0] == 22:  # 22: a handshake record
-            length = int.from_bytes(header[3:5], "big")
-            if length <= _MAX_FIRST_RECORD:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _TLS_RECORD_HEADER + length)
-                await trio.lowlevel.wait_readable(sock)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            needed = _bytes_needed(sock)
+            if needed <= lowat:  # all there, or at EOF with less, or nothing worth waiting for
+                return
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, needed)
+            lowat = needed
     except OSError:
-        pass  # reset, or nothing after all: OpenSSL finds out and says so in its own words
+        pass  # reset: OpenSSL finds out and says so in its own words
     finally:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-        except OSError:
-            pass
+        if lowat != 1:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            except OSError:
+                pass
+
+
+# What ``_bytes_needed`` peeks into: the trio thread's alone, overwritten by every peek.
+_peeked = bytearray(_TLS_RECORD_HEADER + _MAX_FIRST_RECORD)
+
+
+def _bytes_needed(sock: socket.socket) -> int:
+    """How many bytes must have arrived before the first record is whole (peeked, not consumed):
+    the header's 5 while even it is partial, then header and body; 0 when there is nothing more
+    to wait for (EOF, the whole record, bytes that are not a handshake record, or an oversized one)."""
+    got = sock.recv_into(_peeked, len(_peeked), socket.MSG_PEEK)
+    if got == 0:
+        return 0
+    if got < _TLS_RECORD_HEADER:
+        return _TLS_RECORD_HEADER
+    length = int.from_bytes(_peeked[3:5], "big")
+    if _peeked[0] != 22 or length > _MAX_FIRST_RECORD:  # 22: a handshake record
+        return 0
+    return 0 if got >= _TLS_RECORD_HEADER + length else _TLS_RECORD_HEADER + length
