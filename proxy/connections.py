@@ -138,13 +138,13 @@ class SessionCache:
         if not self._enabled:
             return
         session = tls.conn.get_session()
-        server_cert = tls.conn.get_peer_certificate(as_cryptography=True)
-        if session is None or server_cert is None:
+        server_not_after = tls.check.not_after  # of the server certificate the handshake checked
+        if session is None or server_not_after is None:
             return
         now = datetime.now(timezone.utc)
         lifetime = min(
             self._max_lifetime,
-            (server_cert.not_valid_after_utc - now).total_seconds(),
+            (server_not_after - now).total_seconds(),
             (self._own_not_after - now).total_seconds(),
         )
         if lifetime > 0:

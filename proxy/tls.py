@@ -11,12 +11,18 @@ trust domain against the root's, each certificate against its issuer's CRL), the
 policy. Refusing there, inside the handshake, means the peer receives a fatal alert instead of a
 silent close, and no byte of application data is ever exchanged with a peer we have not authorized.
 
+A peer that connects again with the same certificates gets the same verdict from the trust store's
+rules, so the verdict is remembered per trust store, path and role (``_known_paths``; for resumed
+sessions, per leaf and role, ``_resumed_leaves``): validity at the time of the handshake, CRL
+freshness and the listener's policy are still checked on every handshake.
+
 One pair of contexts exists per credential generation; a reload builds new ones and swaps them in,
 so connections that already exist keep the SSL objects (and certificates) they started with.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -38,11 +44,14 @@ from mtls.trust import (
     VerifyError,
     chain_of,
     crl_stale_detail,
+    validity,
 )
 from proxy.config import IdentityConfig
 
 _GRACE_SETTING = "identity.crl_grace"
 _SHARED_ISSUERS_MAX = 1024
+_RESUMED_LEAVES_MAX = 1024
+_KNOWN_PATHS_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +96,28 @@ def _shared(issuer: x509.Certificate) -> x509.Certificate:
     if len(_shared_issuers) >= _SHARED_ISSUERS_MAX:
         _shared_issuers.clear()
     return _shared_issuers.setdefault(issuer, issuer)
+
+
+# Paths that passed a trust store's own rules (``identify`` and ``check_vouched``), per store (the
+# entry goes with the store, which a reload replaces), by (path, role): the ID and the copy of the
+# path a connection keeps (leaf without parsed extensions, shared issuers). These rules depend on the
+# certificates, the role and the store alone, except for time: a path seen again is checked for
+# validity at the time of its handshake, and CRL freshness and the policy are asked every time.
+_known_paths: weakref.WeakKeyDictionary[TrustStore, dict] = weakref.WeakKeyDictionary()
+
+
+def _paths_known_to(trust: TrustStore) -> dict[tuple, tuple[SpiffeId, tuple[x509.Certificate, ...]]]:
+    paths = _known_paths.get(trust)
+    if paths is None:
+        paths = _known_paths[trust] = {}
+    return paths
+
+
+# Leaves of resumed sessions that passed the X.509-SVID profile, by (certificate, role): the ID it
+# names and its copy to keep (``_as_kept``). The profile depends on the certificate's bytes and the
+# role alone, so a peer resuming again and again is not parsed and checked again each time; its
+# validity at the time of each handshake still is. Bounded like ``_shared_issuers``.
+_resumed_leaves: dict[tuple[x509.Certificate, str], tuple[SpiffeId, x509.Certificate]] = {}
 
 
 class PeerCheck:
@@ -148,8 +179,15 @@ class PeerCheck:
         port does not allow is refused for that (the refusal names the port's rules) whatever its
         chain, and an allowed one, or any in audit mode, must still be vouched for by its own trust domain."""
         self._note(path[0])
+        known_paths = _paths_known_to(self.trust)
+        known = known_paths.get((tuple(path), self.role))
+        if known is not None and all(validity(cert, now) is None for cert in path):
+            peer_id, kept = known
+        else:
+            kept = None
         try:
-            peer_id = self.trust.identify(path, role=self.role, now=now)
+            if kept is None:
+                peer_id = self.trust.identify(path, role=self.role, now=now)
             stale = self.crl_freshness.stale(self.trust, path, now)
             if stale is not None:
                 if self.crl_freshness.refuse:
@@ -157,12 +195,18 @@ class PeerCheck:
                 self.stale_crl = stale
             if not self._authorize(peer_id):
                 return False
-            self.trust.check_vouched(peer_id, path)
+            if kept is None:
+                self.trust.check_vouched(peer_id, path)
         except VerifyError as exc:
             self.peer_id = None  # not vouched for: no verified ID to log
             return self.fail(exc.reason, exc.detail)
-        self.leaf = _as_kept(path[0])
-        self.path = (self.leaf, *map(_shared, path[1:]))
+        if kept is None:
+            kept = (_as_kept(path[0]), *map(_shared, path[1:]))
+            if len(known_paths) >= _KNOWN_PATHS_MAX:
+                known_paths.clear()
+            known_paths[kept, self.role] = (peer_id, kept)
+        self.leaf = kept[0]
+        self.path = kept
         return True
 
     def check_resumed(self, cert: x509.Certificate, now: datetime) -> bool:
@@ -172,10 +216,18 @@ class PeerCheck:
         verified against this same trust store; what may have changed since is the time.
         """
         self._note(cert)
-        try:
-            peer_id = self.trust.check_leaf(cert, role=self.role, now=now)
-        except VerifyError as exc:
-            return self.fail(exc.reason, exc.detail)
+        known = _resumed_leaves.get((cert, self.role))
+        if known is not None and validity(cert, now) is None:
+            peer_id, kept = known
+        else:
+            try:
+                peer_id = self.trust.check_leaf(cert, role=self.role, now=now)
+            except VerifyError as exc:
+                return self.fail(exc.reason, exc.detail)
+            kept = _as_kept(cert)
+            if len(_resumed_leaves) >= _RESUMED_LEAVES_MAX:
+                _resumed_leaves.clear()
+            _resumed_leaves[kept, self.role] = (peer_id, kept)  # kept as key too: no parsed extensions
         stale = self.crl_freshness.stale(self.trust, None, now)
         if stale is not None:
             if self.crl_freshness.refuse:
@@ -184,7 +236,7 @@ class PeerCheck:
         self.resumed = True
         if not self._authorize(peer_id):
             return False
-        self.leaf = _as_kept(cert)
+        self.leaf = kept
         return True
 
     def _note(self, leaf: x509.Certificate) -> None:

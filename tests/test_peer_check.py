@@ -70,6 +70,28 @@ def test_connections_keep_their_own_leaf_and_share_the_issuers_above_it(authorit
     assert first.leaf is first.path[0] and first.leaf is not leaf.cert
 
 
+def test_a_path_seen_again_by_the_same_store_is_checked_again_for_time_role_and_policy(authority):
+    """What the store's rules said about a path is remembered per store, path and role; the time, the
+    role and the listener's policy are asked of every handshake all the same."""
+    store = store_of(authority)
+    leaf = authority.issue(WEB, not_after=NOW + DAY, eku=(ExtendedKeyUsageOID.CLIENT_AUTH,))
+    first = peer_check(store)
+    assert first.check_path(path_of(authority, leaf), NOW)
+    copies = [x509.load_der_x509_certificate(cert.public_bytes(Encoding.DER)) for cert in path_of(authority, leaf)]
+    again = peer_check(store)
+    assert again.check_path(copies, NOW)
+    assert str(again.peer_id) == WEB and again.path is first.path  # one kept copy for both connections
+    later = peer_check(store)
+    assert not later.check_path(copies, NOW + 2 * DAY)
+    assert later.failure[0] == EXPIRED and later.peer_id is None
+    not_allowed = peer_check(store, "spiffe://example.org/ns/dev/*")
+    assert not not_allowed.check_path(copies, NOW)
+    assert not_allowed.failure[0] == IDENTITY_NOT_ALLOWED
+    as_server = peer_check(store, role=SERVER)
+    assert not as_server.check_path(copies, NOW)
+    assert as_server.failure[0] == NOT_SVID
+
+
 def test_a_client_the_port_does_not_allow_is_refused_with_the_policy_sentence(authority):
     check = peer_check(store_of(authority), "spiffe://example.org/ns/dev/*")
     assert not check.check_path(path_of(authority, authority.issue(WEB)), NOW)
@@ -171,3 +193,18 @@ def test_a_resumed_session_is_checked_again_for_time_and_policy(authority):
     no_longer_allowed = peer_check(store_of(authority), "spiffe://example.org/ns/dev/*")
     assert not no_longer_allowed.check_resumed(leaf.cert, NOW)
     assert no_longer_allowed.failure[0] == IDENTITY_NOT_ALLOWED
+
+
+def test_a_leaf_resumed_again_and_again_is_checked_for_its_role_and_time_each_time(authority):
+    """The X.509-SVID verdict on a resumed leaf is remembered per certificate and role; its time is not."""
+    client_only = authority.issue(WEB, not_after=NOW + DAY, eku=(ExtendedKeyUsageOID.CLIENT_AUTH,))
+    assert peer_check(store_of(authority)).check_resumed(client_only.cert, NOW)
+    as_server = peer_check(store_of(authority), role=SERVER)
+    assert not as_server.check_resumed(client_only.cert, NOW)
+    assert as_server.failure[0] == NOT_SVID
+    too_early = peer_check(store_of(authority))
+    assert not too_early.check_resumed(client_only.cert, NOW - 2 * DAY)
+    assert too_early.failure[0] == NOT_YET_VALID
+    again = peer_check(store_of(authority))
+    assert again.check_resumed(client_only.cert, NOW)
+    assert str(again.peer_id) == WEB and again.leaf == client_only.cert
