@@ -43,6 +43,7 @@ from mtls.durations import roughly
 from mtls.events import EventLog
 from mtls.files import fsync_directory, write_temporary
 from mtls.spiffe import SpiffeId
+from mtls.workers import run_in_worker
 from proxy.caclient import (
     ServiceError,
     ServiceUrl,
@@ -219,7 +220,7 @@ class Renewer:
                                code="bad_answer")
         pem = serialization.Encoding.PEM
         cert_data = b"".join(cert.public_bytes(pem) for cert in chain)
-        staged = await trio.to_thread.run_sync(self._stage, identity, cert_data, key_pem(key), creds.spiffe_id)
+        staged = await run_in_worker(self._stage, identity, cert_data, key_pem(key), creds.spiffe_id)
         if not await self._install(staged):
             raise ServiceError("the renewed certificate was written but the reload failed (see reload_failed)",
                                code="reload_failed")

@@ -11,8 +11,8 @@ successful reload every open connection is checked again against the new policy 
 longer allowed are cancelled and logged ``policy_revoked``.
 
 A reload never holds up the event loop for long: the new snapshot is read and built in a worker
-thread (``load_snapshot`` is file reads and pure work; meanwhile the GIL changes hands every 0.5 ms
-and no garbage collection starts: ``_worker_yields_to_the_loop``), swapped in with one assignment,
+thread (``load_snapshot`` is file reads and pure work; ``mtls.workers.run_in_worker`` keeps the
+loop's waits for the GIL short meanwhile), swapped in with one assignment,
 and the open connections are checked again in slices of ``RECHECK_SLICE`` with a checkpoint between them. A
 connection's check looks only at what changed since the rules that last allowed it
 (``ListenerPolicy.changed_since``), and asks the policy once per peer ID and listener. Reloads run
@@ -30,13 +30,10 @@ Who closes what: the accept loop owns a socket until it hands it to the listener
 
 from __future__ import annotations
 
-import gc
 import signal
 import socket
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from functools import cache, partial
 from pathlib import Path
@@ -49,6 +46,7 @@ from mtls.endpoints import format_address
 from mtls.events import EventLog
 from mtls.files import FileStamp
 from mtls.sockets import accept_loop, bound_address, close_socket, listen_socket
+from mtls.workers import run_in_worker
 from proxy.admin import serve_admin
 from proxy.config import Config, IdentityConfig
 from proxy.connections import Handlers, SessionCache, Tracked
@@ -71,7 +69,6 @@ from proxy.sync import Syncer
 FILE_POLL_INTERVAL = 0.5
 CRL_CHECK_INTERVAL = 1.0  # how often the CRLs' next updates are compared with the clock, for the log line
 RECHECK_SLICE = 200  # open connections checked again between two checkpoints of a reload
-RELOAD_SWITCH_INTERVAL = 0.0005  # seconds the event loop may wait for the GIL while a reload's worker runs
 READY_MIN_REMAINING = 60.0  # seconds of certificate life (or a tenth of it) below which /readyz says not ready
 
 
@@ -82,28 +79,6 @@ def _listeners(config: Config) -> tuple[tuple[str, tuple], ...]:
 
 def _listener_layout(config: Config) -> list[tuple[str, str, str]]:
     return sorted((direction, lst.name, str(lst.listen)) for direction, listeners in _listeners(config) for lst in listeners)
-
-
-@contextmanager
-def _worker_yields_to_the_loop() -> Iterator[None]:
-    """While a reload's worker thread builds the next snapshot, keep the event loop's waits for the GIL short.
-
-    The worker holds the GIL while it runs Python code. Each system call of the event loop lets the
-    GIL go, and getting it back takes up to the switch interval (5 ms by default): a relayed echo
-    costs a few of those. And a cyclic collection triggered by the worker's allocations scans every
-    object of every open connection while holding the GIL (~60 ms with 1,000 connections). So:
-    a short switch interval, and no automatic collections until the worker is done (what it
-    allocates and drops is freed by reference counting; the next collection sees the rest).
-    """
-    interval, collecting = sys.getswitchinterval(), gc.isenabled()
-    sys.setswitchinterval(RELOAD_SWITCH_INTERVAL)
-    gc.disable()
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(interval)
-        if collecting:
-            gc.enable()
 
 
 class Sidecar:
@@ -314,8 +289,7 @@ class Sidecar:
         async with self.files_lock:  # the renewer is not half-way through rewriting the files
             config_stamp = FileStamp.now(self.config_path)  # before reading: a write during the read is seen next poll
             try:
-                with _worker_yields_to_the_loop():
-                    new = await trio.to_thread.run_sync(self._load_next, self.snapshot)
+                new = await run_in_worker(self._load_next, self.snapshot)
             except StartupError as exc:
                 self.failed_bundles = exc.failed_bundles
                 self.metrics.reloads.labels("failed").inc()
@@ -408,7 +382,7 @@ class Sidecar:
         """
         with trio.CancelScope(shield=True):
             async with self.files_lock:
-                await trio.to_thread.run_sync(write)
+                await run_in_worker(write)  # a sync's write loads the credentials first: a large CRL takes long
                 request = self._want_reload(trigger)  # before the watcher can see the new files
             return await self._reload_for(request)  # re-stamps the files: the watcher sees no change
 

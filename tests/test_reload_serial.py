@@ -20,8 +20,9 @@ from support.certs import TD
 from support.processes import identity_yaml
 
 from mtls.events import EventLog
+from mtls.workers import WORKER_SWITCH_INTERVAL
 from proxy.metrics import Metrics
-from proxy.sidecar import RELOAD_SWITCH_INTERVAL, Sidecar
+from proxy.sidecar import Sidecar
 from proxy.snapshot import StartupError, load_snapshot
 
 pytestmark = pytest.mark.e2e  # each test runs `ca init` and `ca issue`
@@ -119,5 +120,24 @@ async def test_while_the_worker_loads_nothing_collects_and_the_loop_waits_little
 
     assert await sidecar.reload("SIGHUP") is (outcome == "loaded")
 
-    assert seen == {"collecting": False, "switch_interval": RELOAD_SWITCH_INTERVAL}
+    assert seen == {"collecting": False, "switch_interval": WORKER_SWITCH_INTERVAL}
+    assert gc.isenabled() and sys.getswitchinterval() == interval
+
+
+async def test_the_write_of_a_sync_or_renewal_runs_under_the_same_settings(tmp_path):
+    """A sync's write loads the credentials with the fetched CRL first: as long as a reload with a large one."""
+    ca_dir = tmp_path / "ca"
+    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
+    config = tmp_path / "api.yaml"
+    config.write_text(identity_yaml(issue(ca_dir, tmp_path / "api", f"spiffe://{TD}/ns/prod/sa/api")))
+    sidecar = Sidecar(config, load_snapshot(config), EventLog("info", "json", io.StringIO()), Metrics())
+    seen = {}
+    interval = sys.getswitchinterval()
+
+    def observed_write():
+        seen.update(collecting=gc.isenabled(), switch_interval=sys.getswitchinterval())
+
+    assert await sidecar.install_identity(observed_write, trigger="sync from test") is True
+
+    assert seen == {"collecting": False, "switch_interval": WORKER_SWITCH_INTERVAL}
     assert gc.isenabled() and sys.getswitchinterval() == interval
