@@ -5,7 +5,8 @@ Theory of operation
 Inbound: TLS handshake under ``timeouts.handshake`` with the policy decided inside the handshake
 (proxy/tls.py), then, and only then, connect to ``forward`` and relay. Outbound: connect to the
 upstream, handshake and verify the server's SPIFFE ID before reading a single byte from the app,
-then relay; the TLS session of a connection that ended well is kept for the next one to resume.
+then relay; the TLS session is kept for the next connections to resume as soon as the server's ticket
+arrives (the relay thread reads it and hands the session to trio), while the first one is still open.
 
 A handler works with the snapshot and session cache it was given when its connection was
 accepted, so a reload never changes an open connection's TLS objects. The sidecar ends a
@@ -132,15 +133,22 @@ class SessionCache:
     def forget(self, listener: str) -> None:
         self._sessions.pop(listener, None)
 
-    def remember(self, listener: str, tls: TlsSocket) -> None:
-        """Keep the connection's session (its tickets arrived while relaying) for the next connection,
-        never longer than ``tls.session_lifetime`` nor past either side's certificate."""
-        if not self._enabled:
-            return
-        session = tls.conn.get_session()
+    def keeper(self, listener: str, tls: TlsSocket, tracked: Tracked) -> Callable[[SSL.Session], None] | None:
+        """What the relay hands the connection's session to (in trio) once the server's ticket made it
+        resumable; None when resumption is off (the relay then watches for nothing)."""
         server_not_after = tls.check.not_after  # of the server certificate the handshake checked
-        if session is None or server_not_after is None:
-            return
+        if not self._enabled or server_not_after is None:
+            return None
+
+        def keep(session: SSL.Session) -> None:
+            if tracked.revoked_detail is None:  # a reload may have cut it between the ticket and now
+                self.remember(listener, session, server_not_after)
+
+        return keep
+
+    def remember(self, listener: str, session: SSL.Session, server_not_after: datetime) -> None:
+        """Keep ``session`` for the next connections, never longer than ``tls.session_lifetime`` nor
+        past either side's certificate."""
         now = datetime.now(timezone.utc)
         lifetime = min(
             self._max_lifetime,
@@ -342,11 +350,11 @@ class Handlers:
                     return
                 check = tls.check
                 self.decisions.allowed(tracked.conn, check.peer_id, check.decision, resumed=check.resumed)
-                await self._relay(tracked, tls, app, started)
+                await self._relay(tracked, tls, app, started, on_session=sessions.keeper(target.name, tls, tracked))
                 abort = tracked.revoked_detail is not None or tracked.peer_expired()
-                if not abort:
-                    sessions.remember(target.name, tls)
         finally:
+            if tracked.revoked_detail is not None or tracked.peer_expired():
+                sessions.forget(target.name)  # the server is no longer one to resume with
             _close(app, abort)
             if upstream is not None:
                 _close(upstream, abort)
@@ -403,14 +411,16 @@ class Handlers:
         return True
 
     async def _relay(
-        self, tracked: Tracked, tls: TlsSocket, plain: socket.socket, started: float, app: str | None = None
+        self, tracked: Tracked, tls: TlsSocket, plain: socket.socket, started: float, app: str | None = None,
+        on_session: Callable[[SSL.Session], None] | None = None,
     ) -> None:
         """Relay and log the closing line. ``app`` (inbound only) is the app's address: an app that
-        resets the connection before sending a single byte never served it (upstream_unreachable)."""
+        resets the connection before sending a single byte never served it (upstream_unreachable).
+        ``on_session`` (outbound only): see ``relay``."""
         link = tracked.link = Link()
         reason = detail = None
         try:
-            await relay(self.reactor, tls, plain, link)
+            await relay(self.reactor, tls, plain, link, on_session)
         except ProtocolError as exc:
             reason, detail = reasons.PROTOCOL_ERROR, f"{exc.side} side: {exc.detail}"
             abort_socket(plain)

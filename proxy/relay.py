@@ -39,6 +39,12 @@ its file descriptors are out of the epoll set: closing them cannot let a reused 
 reach the wrong connection. The end of a relay reaches trio through the trio token
 (``run_sync_soon``, once per batch of events), never by touching trio objects from the thread.
 
+Outbound TLS sessions: a TLS 1.3 server sends its session tickets after the handshake, so they are
+read by ``step`` while relaying. A connection whose sidecar wants to resume later relays with a
+``SessionWatch`` (a ``Relay`` whose step also looks whether OpenSSL replaced the connection's
+session, which it does for each ticket it takes in); the first new session goes to trio in the same
+batch as the ends of relays. Every other connection's step is the plain ``Relay.step``.
+
 Who closes what: ``relay`` registers the sockets with the reactor and always removes them
 before it returns, however it ends (cancellation included); it never closes them: the caller does.
 The reactor's thread is started and stopped by ``Reactor.run``, a task of the sidecar's root nursery.
@@ -46,6 +52,7 @@ The reactor's thread is started and stopped by ``Reactor.run``, a task of the si
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import socket
@@ -324,10 +331,42 @@ class Relay:
         return True
 
 
+class SessionWatch(Relay):
+    """An outbound relay that hands trio the connection's session once the server's ticket makes it
+    resumable (the trio thread must not touch the SSL object while the relay thread owns it).
+
+    OpenSSL gives the connection a new session object for every ticket it reads (the old one may be
+    shared with a cache and is never changed), so "the session pointer changed" means "a ticket
+    arrived". ``held`` keeps the handshake's session alive until then, so that no later session can
+    be allocated at its address and go unnoticed.
+    """
+
+    __slots__ = ("on_session", "to_trio", "held", "handshake_session")
+
+    def __init__(
+        self, tls: TlsSocket, plain: socket.socket, link: Link,
+        on_session: Callable[[SSL.Session], object], to_trio: Callable[[Callable[[], object]], None],
+    ):
+        super().__init__(tls, plain, link)
+        self.to_trio = to_trio  # Reactor.hand_to_trio
+        self.on_session: Callable[[SSL.Session], object] | None = on_session  # None once handed over
+        self.held = tls.conn.get_session()  # taken in the trio thread, before the relay thread owns the SSL
+        self.handshake_session = self.held._session if self.held is not None else _ffi.NULL
+
+    def step(self, fd: int | None = None) -> bool:
+        more = super().step(fd)
+        if self.on_session is not None and _lib.SSL_get_session(self.ssl) != self.handshake_session:
+            session = self.tls.conn.get_session()  # SSL_get1_session: our own reference, for trio to keep
+            if session is not None:
+                self.to_trio(functools.partial(self.on_session, session))
+            self.on_session = self.held = None
+        return more
+
+
 class Reactor:
     """One level-triggered epoll set for the data phase of every relayed connection, served by one thread.
 
-    ``_lock`` guards ``_by_fd``, ``_ready``, ``_finished``, the epoll registrations, the scratch
+    ``_lock`` guards ``_by_fd``, ``_ready``, ``_for_trio``, the epoll registrations, the scratch
     buffer and every relay in ``_by_fd``: the reactor thread holds it while it handles a batch of
     events, ``add`` (which takes a relay's first step) and ``remove`` take it from the trio thread.
     """
@@ -337,7 +376,7 @@ class Reactor:
         self._lock = threading.Lock()
         self._by_fd: dict[int, Relay] = {}
         self._ready: list[Relay] = []  # relays that stopped for fairness: stepped again without waiting
-        self._finished: list[Callable[[], object]] = []  # on_finished of relays that ended, for trio to run
+        self._for_trio: list[Callable[[], object]] = []  # for trio to run: ends of relays, sessions taken
         self._stopping = False
         # Wakes the thread when work appears from outside its loop (a new connection) or it must stop.
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -352,7 +391,7 @@ class Reactor:
         with self._lock:
             self._by_fd[relay.tls_fd] = self._by_fd[relay.plain_fd] = relay
             self._run_step(relay, None)
-            self._report_finished()
+            self._report_to_trio()
             busy = bool(self._ready)
         if busy:
             os.eventfd_write(self._wakeup, 1)  # the thread may be asleep with nothing else to do
@@ -410,12 +449,17 @@ class Reactor:
             self._unregister(relay)
         except OSError:
             pass  # the failure above may have come from epoll itself; the relay is finished either way
-        self._finished.append(relay.on_finished)
+        self._for_trio.append(relay.on_finished)
 
-    def _report_finished(self) -> None:
-        """Hand trio the ``on_finished`` of the relays that ended (one wakeup for a whole batch)."""
-        if self._finished:
-            callbacks, self._finished = self._finished, []
+    def hand_to_trio(self, callback: Callable[[], object]) -> None:
+        """From a step (under the lock): trio runs ``callback`` with the rest of this batch."""
+        self._for_trio.append(callback)
+
+    def _report_to_trio(self) -> None:
+        """Hand trio the ``on_finished`` of the relays that ended and the sessions taken (one wakeup
+        for a whole batch)."""
+        if self._for_trio:
+            callbacks, self._for_trio = self._for_trio, []
             self._token.run_sync_soon(_call_each, callbacks)
 
     def _serve(self) -> None:
@@ -436,7 +480,7 @@ class Reactor:
                     relay = by_fd.get(fd)
                     if relay is not None:
                         self._run_step(relay, fd)
-                self._report_finished()
+                self._report_to_trio()
 
     def _fail_everything(self, exc: BaseException) -> None:
         """The thread itself broke (not one step): end every connection it was serving."""
@@ -449,8 +493,8 @@ class Reactor:
                 if not relay.finished:
                     relay.failure = Reset("sidecar", f"the relay thread failed: {exc!r}")
                     relay.finished = True
-                    self._finished.append(relay.on_finished)
-            self._report_finished()
+                    self._for_trio.append(relay.on_finished)
+            self._report_to_trio()
 
     async def run(self) -> None:
         """Run the reactor thread until cancelled (then stop and join it). Raises if the thread dies
@@ -502,14 +546,21 @@ def send_close_notify(tls: TlsSocket) -> None:
         pass
 
 
-async def relay(reactor: Reactor, tls: TlsSocket, plain: socket.socket, link: Link) -> None:
-    """Copy both ways until both directions have ended.
+async def relay(
+    reactor: Reactor, tls: TlsSocket, plain: socket.socket, link: Link,
+    on_session: Callable[[SSL.Session], object] | None = None,
+) -> None:
+    """Copy both ways until both directions have ended. ``on_session`` (outbound) runs in trio, once,
+    with the connection's session as soon as a ticket from the server has made it resumable.
 
     Raises Reset when either side broke; the caller then aborts both sockets.
     Cancellation from outside (idle reaper, drain deadline, policy revoked) propagates; the sockets
     are out of the reactor by then either way.
     """
-    state = Relay(tls, plain, link)
+    if on_session is None:
+        state = Relay(tls, plain, link)
+    else:
+        state = SessionWatch(tls, plain, link, on_session, reactor.hand_to_trio)
     finished = trio.Event()
     reactor.add(state, finished.set)
     try:

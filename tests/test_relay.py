@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import pytest
 import trio
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 from support.certs import API
 
 from mtls.tlsio import TlsStream, present, tls13_context
-from proxy.relay import SCRATCH_SIZE, Link, Reactor, Relay, Reset, relay
+from proxy.relay import SCRATCH_SIZE, Link, Reactor, Relay, Reset, SessionWatch, relay
 
 
 @dataclass
@@ -230,6 +231,50 @@ def test_an_app_that_stops_reading_stops_the_relay_reading_the_peer(ends):
         if len(received) == pushed:
             break
     assert bytes(received) == bytes(pushed)
+
+
+def test_an_outbound_relay_hands_over_the_session_once_the_servers_ticket_arrived(authority):
+    """The sidecar as the client: the server's TLS 1.3 ticket comes after the handshake and is read
+    by a step; the session it makes resumable is handed over once, and resumes a new connection."""
+    leaf = authority.issue(API)
+    server_ctx = tls13_context(tickets=True)
+    present(server_ctx, [leaf.cert, *authority.chain], leaf.key)
+    server_ctx.set_session_id(b"test")
+    client_ctx = tls13_context(tickets=True)
+    socks = [*socket.socketpair(), *socket.socketpair(), *socket.socketpair()]
+    for sock in socks:
+        sock.setblocking(False)
+    tls_sock, server_sock, plain, app, resumed_sock, resuming_sock = socks
+    tls = TlsStream(client_ctx, tls_sock, server_side=False)
+    server = SSL.Connection(server_ctx, server_sock)
+    server.set_accept_state()
+    for conn in (tls.conn, server):
+        with pytest.raises(SSL.WantReadError):
+            conn.do_handshake()
+    tls.conn.do_handshake()  # the client is done; the server has not read its Finished yet
+
+    handed = []
+    watch = SessionWatch(tls, plain, Link(), on_session=lambda session: None, to_trio=handed.append)
+    watch.step()
+    assert handed == [], "no ticket yet: nothing to resume with"
+    server.do_handshake()  # reads the client's Finished and sends its tickets
+    server.sendall(b"hello")
+    watch.step(watch.tls_fd)
+    assert app.recv(16) == b"hello"
+    assert len(handed) == 1
+    server.sendall(b"more")
+    watch.step(watch.tls_fd)
+    assert len(handed) == 1, "handed over once"
+
+    resumed = SSL.Connection(client_ctx, resumed_sock)
+    resumed.set_session(handed[0].args[0])
+    resumed.set_connect_state()
+    resuming = SSL.Connection(server_ctx, resuming_sock)
+    resuming.set_accept_state()
+    _handshake(resumed, resuming)
+    assert _lib.SSL_session_reused(resumed._ssl)
+    for sock in socks:
+        sock.close()
 
 
 # --- through the reactor's thread ------------------------------------------------------------

@@ -7,7 +7,7 @@ import ssl
 
 import pytest
 from support.certs import API, FRONTEND
-from support.network import App, echo_through
+from support.network import App, echo_through, recv_exactly
 from support.polling import wait_until
 from support.processes import Sidecar, denial, identity_yaml
 
@@ -28,18 +28,19 @@ def resumed_allowed(side) -> int:
     return side.count(lambda e: e["event"] == "conn_allowed" and "resumed TLS session" in (e.get("detail") or ""))
 
 
+def outbound_to(tmp_path, ids, api):
+    return Sidecar(tmp_path, "web", identity_yaml(ids["frontend"]) + (
+        f"outbound:\n  - name: api\n    listen: 127.0.0.1:0\n    connect: 127.0.0.1:{api.ports['a']}\n"
+        f"    expect: [{API}]\n" + RESUME)).wait_ready()
+
+
 def test_sidecars_resume_sessions_and_a_reload_forces_a_full_handshake(ids, tmp_path):
     app = App()
     api = Sidecar(tmp_path, "api", inbound(ids, app.port)).wait_ready()
-    web = Sidecar(tmp_path, "web", identity_yaml(ids["frontend"]) + (
-        f"outbound:\n  - name: api\n    listen: 127.0.0.1:0\n    connect: 127.0.0.1:{api.ports['a']}\n"
-        f"    expect: [{API}]\n" + RESUME)).wait_ready()
+    web = outbound_to(tmp_path, ids, api)
     try:
         for i in range(5):
             assert echo_through(web.ports["api"], b"call %d" % i) == b"call %d" % i
-            # web keeps a connection's session once that connection has ended: wait for it, so the
-            # next connection finds it (the relay's end reaches the event loop from another thread)
-            wait_until(lambda: web.count(lambda e: e["event"] == "conn_closed") == i + 1, what="web's close")
         wait_until(lambda: api.count(lambda e: e["event"] == "conn_allowed") == 5, what="five decisions")
         assert resumed_allowed(api) == 4  # the first connection is a full handshake, the rest resume
         assert resumed_allowed(web) == 4
@@ -48,6 +49,29 @@ def test_sidecars_resume_sessions_and_a_reload_forces_a_full_handshake(ids, tmp_
         assert echo_through(web.ports["api"], b"after reload") == b"after reload"
         wait_until(lambda: api.count(lambda e: e["event"] == "conn_allowed") == 6, what="sixth decision")
         assert resumed_allowed(api) == 4
+    finally:
+        web.stop()
+        api.stop()
+        app.close()
+
+
+def test_a_pooled_connection_shares_its_session_while_it_stays_open(ids, tmp_path):
+    """web keeps the session when api's ticket arrives, not when the connection ends: a second
+    connection resumes while the first (a pool's long-lived one) is still open and in use."""
+    app = App()
+    api = Sidecar(tmp_path, "api", inbound(ids, app.port)).wait_ready()
+    web = outbound_to(tmp_path, ids, api)
+    try:
+        with socket.create_connection(("127.0.0.1", web.ports["api"]), timeout=10) as pooled:
+            pooled.sendall(b"first")
+            assert recv_exactly(pooled, 5) == b"first"  # api's tickets came before this echo
+            assert echo_through(web.ports["api"], b"second") == b"second"
+            wait_until(lambda: api.count(lambda e: e["event"] == "conn_allowed") == 2, what="two decisions")
+            assert resumed_allowed(api) == 1
+            assert resumed_allowed(web) == 1
+            pooled.sendall(b"still open")
+            assert recv_exactly(pooled, 10) == b"still open"
+            wait_until(lambda: web.count(lambda e: e["event"] == "conn_closed") == 1, what="the second's close")
     finally:
         web.stop()
         api.stop()
