@@ -166,13 +166,18 @@ def open_held(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
     """One mTLS connection through the sidecar, shown to reach the backend by one echoed line."""
     sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30))
     sock.sendall(b"hello\n")
-    got = b""
-    while len(got) < 6:
+    read_echo(sock, 6, "closed before the echo")
+    return sock
+
+
+def read_echo(sock: ssl.SSLSocket, size: int, closed: str) -> None:
+    """Read the ``size`` bytes the backend echoes; ConnectionError(``closed``) if the connection ends first."""
+    got = 0
+    while got < size:
         chunk = sock.recv(64)
         if not chunk:
-            raise ConnectionError("closed before the echo")
-        got += chunk
-    return sock
+            raise ConnectionError(closed)
+        got += len(chunk)
 
 
 def healthz(port: int) -> float:
@@ -214,12 +219,7 @@ def echo_step(sock: ssl.SSLSocket):
     def step() -> float:
         started = time.monotonic()
         sock.sendall(b"ping\n")
-        got = b""
-        while len(got) < 5:
-            chunk = sock.recv(64)
-            if not chunk:
-                raise ConnectionError("the probe connection was closed")
-            got += chunk
+        read_echo(sock, 5, "the probe connection was closed")
         return time.monotonic() - started
 
     return step
