@@ -19,6 +19,7 @@ import dns.rrset
 import pytest
 import trio
 import trio.testing
+from support.polling import wait_until_async
 
 from mtls.events import EventLog
 from proxy.egress import DNS_GRACE, SYSTEM_KEEP, SYSTEM_REFRESH, Resolver
@@ -88,21 +89,12 @@ async def started(nursery, log: io.StringIO, nameservers, *names: str) -> Resolv
     return resolver
 
 
-async def eventually(predicate, within: float, what: str) -> float:
-    """Poll ``predicate`` until it holds (returns the trio time it first did) or ``within`` seconds pass."""
-    with trio.move_on_after(within):
-        while not predicate():
-            await trio.sleep(0.01)  # polling interval of a deadline loop, not a fixed wait
-        return trio.current_time()
-    raise AssertionError(f"not within {within}s: {what}")
-
-
 async def test_a_name_is_asked_again_when_its_ttl_runs_out(nursery, zone):
     zone.records[NAME] = (2, [str(OLD)])
     resolver = await started(nursery, io.StringIO(), [zone.address], NAME)
     assert resolver.addresses[NAME] == {OLD}
     zone.records[NAME] = (2, [str(OLD), str(NEW)])
-    await eventually(lambda: NEW in resolver.addresses[NAME], within=5, what="the new address matches")
+    await wait_until_async(lambda: NEW in resolver.addresses[NAME], timeout=5, what="the new address to match")
     first, second = [at for at, name, _ in zone.answered if name == NAME][:2]
     assert 2.0 <= second - first < 3.0, "asked again once the 2 s TTL ran out, not before, not much later"
     assert resolver.names_for(NEW) == (NAME,)
@@ -119,7 +111,8 @@ async def test_an_address_dns_stops_naming_stops_matching_once_its_ttl_has_passe
         assert allows(OLD), "the address DNS still names keeps matching throughout"
         return not allows(NEW)
 
-    gone = await eventually(dropped, within=10, what="the dropped address stops matching")
+    await wait_until_async(dropped, timeout=10, what="the dropped address to stop matching")
+    gone = trio.current_time()
     kept = gone - zone.last_named(NEW)
     assert 1 + DNS_GRACE <= kept < 1 + DNS_GRACE + 1.0, f"kept {kept:.2f}s after DNS last named it"
     assert len([name for _, name, _ in zone.answered if name == NAME]) >= 3, "asked every second meanwhile"

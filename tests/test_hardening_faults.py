@@ -12,7 +12,6 @@ import struct
 import subprocess
 import textwrap
 import threading
-import time
 
 import pytest
 from support.certs import API, FRONTEND
@@ -25,6 +24,7 @@ from support.network import (
     refused_port,
     tls_attempt,
 )
+from support.polling import wait_until
 from support.processes import (
     PY,
     Sidecar,
@@ -250,10 +250,12 @@ def test_bad_files_at_start_exit_2_listing_every_problem_and_open_no_listener(pk
 
     proc = _start_audited(config)
     seen_listening = set()
-    end = time.monotonic() + 30
-    while proc.poll() is None and time.monotonic() < end:
-        seen_listening |= listening_ports() & {port, admin_port}
-        time.sleep(0.005)  # polling interval while the process runs
+
+    def exited() -> bool:  # and meanwhile, every 5 ms, which of its ports listen
+        seen_listening.update(listening_ports() & {port, admin_port})
+        return proc.poll() is not None
+
+    wait_until(exited, timeout=30, what="proxy run to exit on the bad config", interval=0.005)
     stdout, stderr = proc.communicate(timeout=30)
 
     assert proc.returncode == 2, stderr

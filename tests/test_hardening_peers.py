@@ -522,15 +522,15 @@ def test_peer_that_stops_reading_while_the_app_sends_a_gibibyte_does_not_grow_si
     try:
         start_rss = vm_rss_kib(side.proc.pid)
         tls.sendall(b"send me everything")  # ...and never read again
-        peak = start_rss
-        end = time.monotonic() + 12
-        while time.monotonic() < end:
-            peak = max(peak, vm_rss_kib(side.proc.pid))
-            if flood.sent > 0 and time.monotonic() - flood.last_progress > 1.5:
-                break  # the app is blocked: back-pressure reached it
-            time.sleep(0.05)  # sampling interval of a deadline loop
-        for _ in range(10):
-            peak = max(peak, vm_rss_kib(side.proc.pid))
+        samples = [start_rss]
+
+        def app_blocked() -> bool:  # back-pressure reached it; meanwhile, the sidecar's RSS is sampled
+            samples.append(vm_rss_kib(side.proc.pid))
+            return flood.sent > 0 and time.monotonic() - flood.last_progress > 1.5
+
+        wait_until(app_blocked, timeout=12, what="the app's writes to stall (back-pressure)", interval=0.05)
+        samples += [vm_rss_kib(side.proc.pid) for _ in range(10)]
+        peak = max(samples)
         good_request(side, pki, "echo")
         assert flood.sent < GIB, "the push must have stalled"
         assert time.monotonic() - flood.last_progress > 1.0, "the app must be blocked, not still pushing"

@@ -17,6 +17,7 @@ import trio
 import trio.testing
 from support.ca_cli import issue, run_ca
 from support.certs import TD
+from support.polling import wait_until_async
 from support.processes import identity_yaml
 
 from mtls.events import EventLog
@@ -26,6 +27,14 @@ from proxy.sidecar import Sidecar
 from proxy.snapshot import StartupError, load_snapshot
 
 pytestmark = pytest.mark.e2e  # each test runs `ca init` and `ca issue`
+
+
+def _open_writer(fifo) -> int | None:
+    """The write end of ``fifo``, or None while nobody has opened it for reading yet."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
 
 
 async def test_requests_during_a_reload_are_coalesced_into_the_next_one(tmp_path):
@@ -49,13 +58,7 @@ async def test_requests_during_a_reload_are_coalesced_into_the_next_one(tmp_path
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reload, "first")
-        writer = None
-        with trio.fail_after(20):
-            while writer is None:  # until the first reload's worker has opened the pipe
-                try:
-                    writer = os.open(config, os.O_WRONLY | os.O_NONBLOCK)
-                except OSError:
-                    await trio.sleep(0.01)
+        writer = await wait_until_async(lambda: _open_writer(config), what="the first reload's worker to open the pipe")
         nursery.start_soon(reload, "second")
         nursery.start_soon(reload, "third")
         await trio.testing.wait_all_tasks_blocked()

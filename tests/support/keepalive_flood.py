@@ -21,7 +21,7 @@ async def _client(port: int, request: bytes, counts: dict, first_answer: trio.Ev
             stream = await trio.open_tcp_stream("127.0.0.1", port)
         except OSError:
             counts["connect_errors"] += 1
-            await trio.sleep(0.01)
+            await trio.sleep(0.01)  # a load generator backing off before it reconnects, not a wait for a condition
             continue
         async with stream:
             try:
