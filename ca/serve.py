@@ -289,13 +289,18 @@ class Service:
         async with trio.open_nursery() as root:
             root.start_soon(self.watch_state)
             stop = trio.Event()
-            root.start_soon(self._signals, stop)
+            await root.start(self._signals, stop)  # signals handled before we say ready
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(partial(
                         accept_loop, sock, partial(self._start_connection, connections, slots), self.log,
                         listener="ca serve", slots=slots,
                     ))
+                    current = self.current
+                    self.log.emit(
+                        "info", "ready", spiffe_id=str(issuance.service_id(self.state.trust_domain)),
+                        serial=format_serial(current.cert.serial_number), trust_roots=len(current.roots),
+                    )
                     task_status.started()
                     await stop.wait()
                     accepting.cancel_scope.cancel()
@@ -306,10 +311,12 @@ class Service:
                 connections.cancel_scope.cancel()
             root.cancel_scope.cancel()
 
-    async def _signals(self, stop: trio.Event) -> None:
+    async def _signals(self, stop: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """SIGTERM/SIGINT: stop. SIGHUP, which operators send to reload: re-read the CA's state now
-        (``watch_state`` also does every STATE_CHECK_INTERVAL), instead of the default of dying."""
+        (``watch_state`` also does every STATE_CHECK_INTERVAL), instead of the default of dying.
+        Started (``task_status``) once the handlers are installed, which ``ready`` waits for."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     self.log.emit("info", "reload_requested", signal="SIGHUP")
@@ -542,11 +549,6 @@ def serve_main(state: StateDir, *, listen: str, dns_names: Sequence[str], passph
     except OSError as exc:
         raise InputError(f"cannot listen on {endpoint}: {exc.strerror or exc}") from None
     log.emit("info", "listening", address=bound_address(sock))
-    current = service.current
-    log.emit(
-        "info", "ready", spiffe_id=str(issuance.service_id(state.trust_domain)),
-        serial=format_serial(current.cert.serial_number), trust_roots=len(current.roots),
-    )
-    trio.run(service.serve, sock)
+    trio.run(service.serve, sock)  # says ``ready`` once its signal handlers and accept loop are in place
     log.emit("info", "stopped")
     return 0

@@ -169,7 +169,7 @@ class Sidecar:
                     if renewer is not None:
                         root.start_soon(renewer.run)
                     stop = trio.Event()
-                    root.start_soon(self._signals, stop, root)
+                    await root.start(self._signals, stop, root)  # signals handled before we say ready
                     for name, address in self.bound.items():
                         self.log.emit("info", "listening", listener=name, address=address)
                     if admin_sock is not None:
@@ -191,9 +191,11 @@ class Sidecar:
             self.log.emit("info", "stopped")
             root.cancel_scope.cancel()
 
-    async def _signals(self, stop: trio.Event, nursery: trio.Nursery) -> None:
-        """SIGHUP reloads in a task of its own, so that SIGTERM is heard while a reload runs."""
+    async def _signals(self, stop: trio.Event, nursery: trio.Nursery, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """SIGHUP reloads in a task of its own, so that SIGTERM is heard while a reload runs. Started
+        (``task_status``) once the handlers are installed: a SIGHUP after ``ready`` never kills us."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     nursery.start_soon(self.reload, "SIGHUP")
