@@ -30,13 +30,16 @@ bug in one connection's step ends that connection with ``Reset`` (side "sidecar"
 reactor. Idleness is timed by the sidecar's reaper, which reads ``Link.last_activity``
 (``time.monotonic``, a clock both threads can read).
 
-Which thread touches what: between ``Reactor.add`` and ``Reactor.remove``, only ``step`` reads,
-writes or shuts down the connection's two sockets and its SSL object, and every step runs under
-the reactor's lock, for a relay still in ``_by_fd``: the first one in ``add`` (trio thread, so
-bytes that already wait need no thread wakeup), all later ones in the reactor thread. ``remove``
-(trio thread) takes the same lock, so once it returns the reactor is done with that connection and
-its file descriptors are out of the epoll set: closing them cannot let a reused descriptor number
-reach the wrong connection. The end of a relay reaches trio through the trio token
+Which thread touches what: from ``Reactor.add`` until the relay finishes or ``Reactor.remove``
+returns, only ``step`` reads, writes or shuts down the connection's two sockets and its SSL
+object, and every step runs under the reactor's lock, for a relay still in ``_by_fd``: the first
+one in ``add`` when the thread is asleep (trio thread, so bytes that already wait need no thread
+wakeup), all others in the reactor thread. A relay that finishes leaves ``_by_fd`` and the epoll
+set before trio hears of it, and ``remove`` (for a cancelled relay) returns only once the thread
+is done with it; either way its file descriptors are out of the epoll set before the caller closes
+them, so a reused descriptor number cannot reach the wrong connection. The trio thread never
+blocks on the lock (see ``Reactor``): when the thread is busy, ``add`` and ``remove`` become
+requests it carries out between two steps. The end of a relay reaches trio through the trio token
 (``run_sync_soon``, once per batch of events), never by touching trio objects from the thread.
 
 Outbound TLS sessions: a TLS 1.3 server sends its session tickets after the handshake, so they are
@@ -45,13 +48,14 @@ read by ``step`` while relaying. A connection whose sidecar wants to resume late
 session, which it does for each ticket it takes in); the first new session goes to trio in the same
 batch as the ends of relays. Every other connection's step is the plain ``Relay.step``.
 
-Who closes what: ``relay`` registers the sockets with the reactor and always removes them
-before it returns, however it ends (cancellation included); it never closes them: the caller does.
+Who closes what: ``relay`` registers the sockets with the reactor, and they are out of it before
+``relay`` returns, however it ends (cancellation included); it never closes them: the caller does.
 The reactor's thread is started and stopped by ``Reactor.run``, a task of the sidecar's root nursery.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import select
@@ -159,7 +163,7 @@ def _tls_failure(conn: SSL.Connection, result: int) -> Exception:
 _monotonic = time.monotonic
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
-_BURST = 16  # chunks per direction per step before a busy connection lets the others run
+_BURST = 16  # chunks (of up to SCRATCH_SIZE) per direction per step when no other connection waits
 _FULL_RECORD = 16384  # a shorter TLS record means the sender flushed: the socket is likely empty
 
 
@@ -206,14 +210,15 @@ class Relay:
             plain |= _OUT
         return tls, plain
 
-    def step(self, fd: int | None = None) -> bool:
-        """Move bytes where ``fd`` (None: both sockets) has news. True if it stopped for fairness."""
+    def step(self, fd: int | None = None, burst: int = _BURST) -> bool:
+        """Move bytes where ``fd`` (None: both sockets) has news, at most ``burst`` chunks each way.
+        True if it stopped for fairness (there may be more to move)."""
         try:
             more = False
             if fd is None or fd == self.tls_fd or self.to_plain:
-                more |= self._tls_to_plain()
+                more |= self._tls_to_plain(burst)
             if fd is None or fd == self.plain_fd or self.to_tls:
-                more |= self._plain_to_tls()
+                more |= self._plain_to_tls(burst)
         except Reset as exc:
             self.failure = exc
             more = False
@@ -232,12 +237,12 @@ class Relay:
         self.to_plain = self.to_plain[sent:]
         return not self.to_plain
 
-    def _tls_to_plain(self) -> bool:
+    def _tls_to_plain(self, burst: int) -> bool:
         self.read_wants_write = False
         if self.tls_done or (self.to_plain and not self._flush_to_plain()):
             return False
         ssl = self.ssl
-        for _ in range(_BURST):
+        for _ in range(burst):
             filled = 0
             result = 0
             while filled < SCRATCH_SIZE // 2:
@@ -298,7 +303,7 @@ class Relay:
             written += result
         return written
 
-    def _plain_to_tls(self) -> bool:
+    def _plain_to_tls(self, burst: int) -> bool:
         if self.plain_done:
             return False
         if self.to_tls:
@@ -309,7 +314,7 @@ class Relay:
             self.to_tls = self.to_tls[written:]
             if self.to_tls:
                 return False
-        for _ in range(_BURST):
+        for _ in range(burst):
             try:
                 n = self.plain.recv_into(_scratch)
             except BlockingIOError:
@@ -353,8 +358,8 @@ class SessionWatch(Relay):
         self.held = tls.conn.get_session()  # taken in the trio thread, before the relay thread owns the SSL
         self.handshake_session = self.held._session if self.held is not None else _ffi.NULL
 
-    def step(self, fd: int | None = None) -> bool:
-        more = super().step(fd)
+    def step(self, fd: int | None = None, burst: int = _BURST) -> bool:
+        more = super().step(fd, burst)
         if self.on_session is not None and _lib.SSL_get_session(self.ssl) != self.handshake_session:
             session = self.tls.conn.get_session()  # SSL_get1_session: our own reference, for trio to keep
             if session is not None:
@@ -367,42 +372,97 @@ class Reactor:
     """One level-triggered epoll set for the data phase of every relayed connection, served by one thread.
 
     ``_lock`` guards ``_by_fd``, ``_ready``, ``_for_trio``, the epoll registrations, the scratch
-    buffer and every relay in ``_by_fd``: the reactor thread holds it while it handles a batch of
-    events, ``add`` (which takes a relay's first step) and ``remove`` take it from the trio thread.
+    buffer and every relay in ``_by_fd``. The reactor thread holds it while it handles a batch of
+    events. The trio thread never waits for it: every handshake of the sidecar runs in trio, and a
+    thread kept busy by bulk transfers would otherwise stall them for as long as it holds the lock.
+    So ``add`` and ``remove`` take the lock only when it is free (the reactor thread is asleep in
+    ``epoll_wait``); when it is not, they leave a request in ``_requests`` and wake the thread,
+    which takes the requests, in order, between two steps.
     """
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._lock = threading.Lock()
-        self._by_fd: dict[int, Relay] = {}
+        self._by_fd: dict[int, Relay] = {}  # relays being served; a relay leaves it once finished or removed
         self._ready: list[Relay] = []  # relays that stopped for fairness: stepped again without waiting
         self._for_trio: list[Callable[[], object]] = []  # for trio to run: ends of relays, sessions taken
-        self._stopping = False
-        # Wakes the thread when work appears from outside its loop (a new connection) or it must stop.
+        # What the trio thread asked while the lock was taken: (relay, None) adds the relay,
+        # (relay, removed) removes it and has trio call ``removed`` once it is out.
+        self._requests: collections.deque[tuple[Relay, Callable[[], object] | None]] = collections.deque()
+        self._stopping = False  # trio asks the thread to end
+        self._stopped = False  # the thread has ended: whoever asks takes the requests itself
+        # Wakes the thread when work appears from outside its loop (a request) or it must stop.
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wakeup, select.EPOLLIN)
         self._token = trio.lowlevel.current_trio_token()  # how the thread hands trio the ends of relays
 
     def add(self, relay: Relay, on_finished: Callable[[], object]) -> None:
         """Start relaying; ``on_finished`` runs in trio (soon, never within this call) once
-        ``relay.finished``. The first step is taken here and now (bytes may already wait in OpenSSL
-        or the socket), which spares the thread a wakeup per connection."""
+        ``relay.finished``. When the thread is asleep, the first step is taken here and now (bytes
+        may already wait in OpenSSL or the socket), which spares it a wakeup per connection."""
         relay.on_finished = on_finished
-        with self._lock:
-            self._by_fd[relay.tls_fd] = self._by_fd[relay.plain_fd] = relay
-            self._run_step(relay, None)
+        if not self._lock.acquire(blocking=False):
+            self._request(relay, None)
+            return
+        try:
+            self._take_requests()  # earlier requests first: they may concern the same descriptors
+            self._start(relay)
             self._report_to_trio()
             busy = bool(self._ready)
+        finally:
+            self._lock.release()
         if busy:
             os.eventfd_write(self._wakeup, 1)  # the thread may be asleep with nothing else to do
 
-    def remove(self, relay: Relay) -> None:
-        """Take the relay out: once this returns, the thread no longer touches its sockets or SSL object."""
-        with self._lock:
-            if self._by_fd.get(relay.tls_fd) is relay:
-                del self._by_fd[relay.tls_fd]
-                del self._by_fd[relay.plain_fd]
-                self._unregister(relay)
+    async def remove(self, relay: Relay) -> None:
+        """Take out a relay that may not have finished (its task was cancelled): once this returns,
+        the thread no longer touches its sockets or SSL object. When the thread is busy this waits
+        for it to finish its current step, without blocking trio. Call it shielded from cancellation."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._take_requests()
+                self._drop(relay)
+                self._report_to_trio()
+            finally:
+                self._lock.release()
+            return
+        removed = trio.Event()
+        self._request(relay, removed.set)
+        await removed.wait()
+
+    def _request(self, relay: Relay, removed: Callable[[], object] | None) -> None:
+        self._requests.append((relay, removed))
+        if not self._stopped:
+            os.eventfd_write(self._wakeup, 1)  # still open: only trio closes it, after the thread ended
+            return
+        with self._lock:  # nobody else would take it; the lock is free once the thread has ended
+            self._take_requests()
+            self._report_to_trio()
+
+    def _take_requests(self) -> None:
+        """Carry out the trio thread's requests (under the lock, in either thread)."""
+        while self._requests:
+            relay, removed = self._requests.popleft()
+            if removed is not None:
+                self._drop(relay)
+                self._for_trio.append(removed)
+            else:
+                self._start(relay)
+
+    def _start(self, relay: Relay) -> None:
+        if self._stopped:  # nothing would ever step it again
+            relay.failure = Reset("sidecar", "the relay thread has stopped")
+            relay.finished = True
+            self._for_trio.append(relay.on_finished)
+            return
+        self._by_fd[relay.tls_fd] = self._by_fd[relay.plain_fd] = relay
+        self._run_step(relay, None)
+
+    def _drop(self, relay: Relay) -> None:
+        if self._by_fd.get(relay.tls_fd) is relay:
+            del self._by_fd[relay.tls_fd]
+            del self._by_fd[relay.plain_fd]
+            self._unregister(relay)
 
     def _unregister(self, relay: Relay) -> None:
         if relay.tls_mask:
@@ -431,13 +491,13 @@ class Reactor:
         else:
             self._epoll.modify(fd, mask)
 
-    def _run_step(self, relay: Relay, fd: int | None) -> None:
-        """One step of a relay still in the set (under the lock). A relay that finished leaves the
-        epoll set at once and trio hears of it; any exception fails that connection only."""
-        if relay.finished or self._by_fd.get(relay.tls_fd) is not relay:
+    def _run_step(self, relay: Relay, fd: int | None, burst: int = _BURST) -> None:
+        """One step of a relay still being served (under the lock). A relay that finished leaves
+        ``_by_fd`` and the epoll set at once and trio hears of it; any exception fails that connection only."""
+        if self._by_fd.get(relay.tls_fd) is not relay:
             return
         try:
-            if relay.step(fd):
+            if relay.step(fd, burst):
                 self._ready.append(relay)
             if not relay.finished:
                 self._rearm(relay)
@@ -446,9 +506,9 @@ class Reactor:
             relay.failure = Reset("sidecar", f"internal error in the relay: {exc!r}")
             relay.finished = True
         try:
-            self._unregister(relay)
-        except OSError:
-            pass  # the failure above may have come from epoll itself; the relay is finished either way
+            self._drop(relay)
+        except (OSError, ValueError):  # the failure above may have come from epoll itself
+            relay.tls_mask = relay.plain_mask = 0
         self._for_trio.append(relay.on_finished)
 
     def hand_to_trio(self, callback: Callable[[], object]) -> None:
@@ -456,30 +516,38 @@ class Reactor:
         self._for_trio.append(callback)
 
     def _report_to_trio(self) -> None:
-        """Hand trio the ``on_finished`` of the relays that ended and the sessions taken (one wakeup
-        for a whole batch)."""
+        """Hand trio the ``on_finished`` of the relays that ended, the sessions taken and the
+        removals done (one wakeup for a whole batch)."""
         if self._for_trio:
             callbacks, self._for_trio = self._for_trio, []
             self._token.run_sync_soon(_call_each, callbacks)
 
     def _serve(self) -> None:
         """The reactor thread: wait for events, step the relays concerned, until ``_stopping``."""
-        epoll, lock, by_fd, wakeup = self._epoll, self._lock, self._by_fd, self._wakeup
+        epoll, lock, by_fd, wakeup, requests = self._epoll, self._lock, self._by_fd, self._wakeup, self._requests
         while True:
             events = epoll.poll(0 if self._ready else -1)  # the GIL is released while blocked
             with lock:
                 if self._stopping:
                     return
+                self._take_requests()
                 ready, self._ready = self._ready, []
+                # A connection alone moves up to _BURST chunks per step; among others, one chunk
+                # per turn, so that a bulk transfer delays a small exchange by one chunk, not a burst.
+                burst = _BURST if _one_relay(ready, events, by_fd) else 1
                 for relay in ready:
-                    self._run_step(relay, None)
+                    self._run_step(relay, None, burst)
+                    if requests:
+                        self._take_requests()
                 for fd, _events in events:
                     if fd == wakeup:
                         os.eventfd_read(wakeup)
                         continue
                     relay = by_fd.get(fd)
                     if relay is not None:
-                        self._run_step(relay, fd)
+                        self._run_step(relay, fd, burst)
+                        if requests:
+                            self._take_requests()
                 self._report_to_trio()
 
     def _fail_everything(self, exc: BaseException) -> None:
@@ -489,11 +557,18 @@ class Reactor:
                 try:
                     self._unregister(relay)
                 except (OSError, ValueError):  # the epoll set itself may be what broke
-                    relay.tls_mask = relay.plain_mask = 0  # nothing watches it any more: remove need not try
-                if not relay.finished:
-                    relay.failure = Reset("sidecar", f"the relay thread failed: {exc!r}")
-                    relay.finished = True
-                    self._for_trio.append(relay.on_finished)
+                    relay.tls_mask = relay.plain_mask = 0
+                relay.failure = Reset("sidecar", f"the relay thread failed: {exc!r}")
+                relay.finished = True
+                self._for_trio.append(relay.on_finished)
+            self._by_fd.clear()
+            self._report_to_trio()
+
+    def _stop_taking_requests(self) -> None:
+        """The thread's last act: from now on whoever asks carries out its own requests (adds fail)."""
+        with self._lock:
+            self._stopped = True
+            self._take_requests()
             self._report_to_trio()
 
     async def run(self) -> None:
@@ -509,6 +584,7 @@ class Reactor:
                 died.append(exc)
                 self._fail_everything(exc)
             finally:
+                self._stop_taking_requests()
                 try:
                     self._token.run_sync_soon(ended.set)
                 except trio.RunFinishedError:
@@ -521,12 +597,19 @@ class Reactor:
             raise RuntimeError(f"the relay thread stopped: {died[0]!r}") from died[0]
         finally:
             with trio.CancelScope(shield=True):
-                with self._lock:
-                    self._stopping = True
+                self._stopping = True
                 os.eventfd_write(self._wakeup, 1)
                 await trio.to_thread.run_sync(thread.join)
                 self._epoll.close()
                 os.close(self._wakeup)
+
+
+def _one_relay(ready: list[Relay], events: list[tuple[int, int]], by_fd: dict[int, Relay]) -> bool:
+    """Whether this turn of the reactor concerns a single relay (its two sockets may both have news)."""
+    relays = set(ready)
+    relays.update(by_fd.get(fd) for fd, _events in events)
+    relays.discard(None)
+    return len(relays) <= 1
 
 
 def _call_each(callbacks: list[Callable[[], object]]) -> None:
@@ -566,6 +649,8 @@ async def relay(
     try:
         await finished.wait()
     finally:
-        reactor.remove(state)
+        if not finished.is_set():  # cancelled: the reactor may still be serving it
+            with trio.CancelScope(shield=True):
+                await reactor.remove(state)
     if state.failure is not None:
         raise state.failure

@@ -8,11 +8,14 @@ side; the last ones run ``relay`` on a real ``Reactor`` and its thread.
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
 from dataclasses import dataclass
 
 import pytest
 import trio
+import trio.testing
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
 from support.certs import API
@@ -233,6 +236,22 @@ def test_an_app_that_stops_reading_stops_the_relay_reading_the_peer(ends):
     assert bytes(received) == bytes(pushed)
 
 
+def test_a_step_among_other_connections_moves_one_chunk_and_says_there_is_more(ends):
+    """What the reactor asks when several connections have news, so that a bulk transfer delays a
+    small exchange by one chunk; a connection alone moves up to a whole burst in one step."""
+    for sock in (ends.peer_sock, ends.plain):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    payload = os.urandom(300 * 1024)  # more than two chunks (a chunk: about SCRATCH_SIZE / 2)
+    ends.peer.sendall(payload)
+    relay = relay_of(ends)
+    assert relay.step(ends.tls.sock.fileno(), burst=1) is True, "one chunk moved, more waits"
+    first, _ = app_reads(ends)
+    assert SCRATCH_SIZE // 2 <= len(first) < len(payload) - SCRATCH_SIZE // 4
+    relay.step(ends.tls.sock.fileno())
+    rest, _ = app_reads(ends)
+    assert first + rest == payload, "the default burst moved all the rest in one step"
+
+
 def test_an_outbound_relay_hands_over_the_session_once_the_servers_ticket_arrived(authority):
     """The sidecar as the client: the server's TLS 1.3 ticket comes after the handshake and is read
     by a step; the session it makes resumable is handed over once, and resumes a new connection."""
@@ -368,15 +387,69 @@ async def test_once_a_cancelled_relay_returns_the_reactor_leaves_its_sockets_alo
     close_ends(other)
 
 
+async def test_a_busy_reactor_thread_never_blocks_trio_and_a_cancelled_relay_waits_for_it(authority, ends, reactor,
+                                                                                          nursery):
+    """Under bulk load a step holds the reactor's lock for milliseconds. Starting and cancelling a
+    relay meanwhile must not block trio (every handshake of the sidecar runs there), and a cancelled
+    relay returns only once the thread has let go of its sockets."""
+    held, release = threading.Event(), threading.Event()
+    timed_out: list[bool] = []
+
+    def long_step() -> None:
+        with reactor._lock:
+            held.set()
+            if not release.wait(10):
+                timed_out.append(True)  # trio stayed blocked on the lock until now
+
+    holder = threading.Thread(target=long_step)
+    holder.start()
+    await trio.to_thread.run_sync(held.wait)
+    scope = trio.CancelScope()
+    returned = trio.Event()
+
+    async def run() -> None:
+        with scope:
+            await relay(reactor, ends.tls, ends.plain, Link())
+        returned.set()
+
+    nursery.start_soon(run)  # add: the lock is taken, so a request for the thread
+    await trio.testing.wait_all_tasks_blocked()
+    scope.cancel()  # remove: a request too, which the relay waits for
+    await trio.testing.wait_all_tasks_blocked()
+    assert not returned.is_set(), "the cancelled relay returned while the thread could still step it"
+    release.set()
+    with trio.fail_after(5):
+        await returned.wait()
+    await trio.to_thread.run_sync(holder.join)
+    assert not timed_out, "trio waited for the reactor's lock"
+    other = make_ends(authority)
+    other_ended = start_relay(reactor, nursery, other, Link())
+    await round_trip(other)
+    await half_close_both(other, other_ended)
+    close_ends(other)
+
+
+async def test_a_relay_started_after_the_reactor_stopped_fails_at_once(ends):
+    reactor = Reactor()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reactor.run)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    with pytest.raises(Reset) as failed:
+        with trio.fail_after(5):
+            await relay(reactor, ends.tls, ends.plain, Link())
+    assert failed.value.side == "sidecar" and "the relay thread has stopped" in failed.value.detail
+
+
 async def test_a_bug_in_one_connections_step_resets_it_and_the_others_go_on(authority, ends, reactor, nursery,
                                                                              monkeypatch):
     doomed = Link()
     original = Relay._plain_to_tls
 
-    def broken_for_doomed(self: Relay) -> bool:
+    def broken_for_doomed(self: Relay, burst: int) -> bool:
         if self.link is doomed:
             raise ZeroDivisionError("a bug")
-        return original(self)
+        return original(self, burst)
 
     monkeypatch.setattr(Relay, "_plain_to_tls", broken_for_doomed)
     with pytest.raises(Reset) as failed:
