@@ -1,4 +1,4 @@
-"""The four measurements, each bounded in time and bytes, each run against one started Pair.
+"""The measurements, each bounded in time and bytes, each run against one started Pair.
 
 Each returns a dict of raw results; CPU seconds are read from /proc for every process group
 in the pair (and the backend) before and after the load, so they cover exactly the load.
@@ -56,6 +56,27 @@ def bulk(pair: Pair, sink, conns: int, nbytes: int, cap_seconds: float, logdir: 
         result = {"MBps": None, "complete": False, "errors": [f"sender printed no result: {out[-300:]!r}"]}
     result["proxy_cpu_s"] = _cpu_used(before, watched)
     return result
+
+
+def probe_under_bulk(pair: Pair, sink, conns: int, seconds: float, logdir: Path) -> dict:
+    """New connections one after the other (each: connect, a few bytes, the sink's answer, close)
+    while ``conns`` bulk streams run through the same pair: how long a small request waits behind
+    big transfers, handshake included."""
+    sender = Child("bulk sender", [
+        sys.executable, str(LOADGEN), "send", "--port", str(pair.entry), "--stats-port", str(sink.stats_port),
+        "--conns", str(conns), "--bytes", str(1 << 40), "--seconds", str(seconds + 1),
+    ], logdir / "loadgen.log", stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)  # the streams are up to speed
+        out, _ = _run_load("prober", [sys.executable, str(LOADGEN), "probe", "--port", str(pair.entry),
+                                      "--seconds", str(seconds)], seconds + SLACK_SECONDS, logdir)
+        sender.proc.wait(seconds + SLACK_SECONDS)
+    finally:
+        sender.stop()
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"probes": 0, "errors": [f"prober printed no result: {out[-300:]!r}"]}
 
 
 def wrk(pair: Pair, backend: Child, conns: int, seconds: int, new_connection_each: bool, logdir: Path) -> dict:

@@ -8,9 +8,12 @@
                                     prints one JSON line with the MB/s measured at the sink
   hold --port P --conns N           opens N keep-alive HTTP connections (one GET each) and keeps
                                     them idle; prints one JSON line, holds until stdin closes
+  probe --port P --seconds T        for T seconds, one new connection after the other: connect,
+                                    send PROBE, wait for the sink's answer, close; prints one JSON
+                                    line with the latency percentiles (ms)
   http --port P                     HTTP/1.1 responder (200, 22-byte body), for machines without nginx
 
-Every loop is bounded: in bytes and seconds (send), in seconds (hold), by the caller (sink, http).
+Every loop is bounded: in bytes and seconds (send), in seconds (hold, probe), by the caller (sink, http).
 All addresses are 127.0.0.1.
 """
 
@@ -33,25 +36,33 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 BODY = b"pong-0123456789abcdef\n"
 REPLY = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
 REPLY_CLOSE = REPLY.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+PROBE = b"PROBE\n"  # a connection that starts with this gets PROBE_ANSWER from the sink, and is not counted
+PROBE_ANSWER = b"ok\n"
 
 
 # --- sink -------------------------------------------------------------------------------------
 
 def sink(port: int, stats_port: int) -> None:
-    """Count bytes, the time of the last one (CLOCK_MONOTONIC, shared by all processes), EOFs, resets."""
+    """Count bytes, the time of the last one (CLOCK_MONOTONIC, shared by all processes), EOFs, resets.
+    A probe connection (its first bytes are PROBE) is answered and left out of the totals."""
     totals = {"bytes": 0, "last_byte_at": 0.0, "eofs": 0, "resets": 0}
     lock = threading.Lock()
 
     def drain(conn: socket.socket) -> None:
         buf = bytearray(RECV_BUFFER)
         ended = "eofs"
+        first = True
         with conn:
             while True:
                 try:
                     n = conn.recv_into(buf)
+                    if first and buf[:n] == PROBE:
+                        conn.sendall(PROBE_ANSWER)
+                        return
                 except OSError:
                     ended = "resets"
                     break
+                first = False
                 if not n:
                     break
                 with lock:
@@ -125,6 +136,42 @@ def send(port: int, stats_port: int, conns: int, total: int, seconds: float) -> 
     return 0 if result["complete"] else 1
 
 
+# --- probe ------------------------------------------------------------------------------------
+
+def probe(port: int, seconds: float) -> int:
+    """New connections one after the other for ``seconds``; the latency of each, connect to answer."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        try:
+            with socket.create_connection((HOST, port), timeout=30) as conn:
+                conn.sendall(PROBE)
+                answer = b""
+                while len(answer) < len(PROBE_ANSWER):
+                    chunk = conn.recv(16)
+                    if not chunk:
+                        break
+                    answer += chunk
+        except OSError as exc:
+            errors.append(str(exc))
+            continue
+        if answer != PROBE_ANSWER:
+            errors.append(f"answer {answer!r}")
+            continue
+        latencies.append((time.monotonic() - started) * 1000)
+    latencies.sort()
+
+    def percentile(fraction: float) -> float | None:
+        return round(latencies[min(len(latencies) - 1, int(fraction * len(latencies)))], 2) if latencies else None
+
+    print(json.dumps({"probes": len(latencies), "p50_ms": percentile(0.5), "p90_ms": percentile(0.9),
+                      "p99_ms": percentile(0.99), "max_ms": percentile(1.0), "errors": errors[:3],
+                      "failed": len(errors)}), flush=True)
+    return 0 if latencies and not errors else 1
+
+
 # --- hold -------------------------------------------------------------------------------------
 
 async def _open_one(port: int, gate: asyncio.Semaphore, held: list) -> None:
@@ -192,18 +239,21 @@ async def http(port: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["sink", "send", "hold", "http"])
+    parser.add_argument("mode", choices=["sink", "send", "probe", "hold", "http"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--stats-port", type=int)
     parser.add_argument("--conns", type=int, default=1)
     parser.add_argument("--bytes", type=int, default=1 << 30)
-    parser.add_argument("--seconds", type=float, default=30.0, help="send: time cap; hold: longest hold")
+    parser.add_argument("--seconds", type=float, default=30.0,
+                        help="send: time cap; probe: how long; hold: longest hold")
     parser.add_argument("--open-timeout", type=float, default=60.0)
     args = parser.parse_args()
     if args.mode == "sink":
         sink(args.port, args.stats_port)
     elif args.mode == "send":
         return send(args.port, args.stats_port, args.conns, args.bytes, args.seconds)
+    elif args.mode == "probe":
+        return probe(args.port, args.seconds)
     elif args.mode == "hold":
         asyncio.run(hold(args.port, args.conns, args.open_timeout, args.seconds))
         os._exit(0)  # the executor thread blocked on stdin must not keep the process alive

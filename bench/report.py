@@ -11,6 +11,8 @@ ROWS = [
     ("bulk_1_MBps", "bulk MB/s, 1 connection", "higher", 0),
     ("bulk_8_MBps", "bulk MB/s, 8 connections", "higher", 0),
     ("bulk_cpu_s_per_GB", "bulk: proxy CPU s per GB (both sides)", "lower", 2),
+    ("probe_p50_ms", "new connection + reply while 4 bulk streams run, p50 ms", "lower", 1),
+    ("probe_p99_ms", "new connection + reply while 4 bulk streams run, p99 ms", "lower", 1),
     ("conn_16_per_s", "new connections/s, full mTLS handshake each, c=16", "higher", 0),
     ("conn_64_per_s", "new connections/s, full mTLS handshake each, c=64", "higher", 0),
     ("conn_cpu_s_per_1000", "proxy CPU s per 1000 new connections (both sides), c=64", "lower", 2),
@@ -35,6 +37,8 @@ def figures_of(kind: str, result: dict) -> dict[str, float]:
         if kind == "conn_64" and result.get("requests") and cpu_both:
             found["conn_cpu_s_per_1000"] = cpu_both / result["requests"] * 1000
         return found
+    if kind == "probe_under_bulk":
+        return {"probe_p50_ms": result.get("p50_ms"), "probe_p99_ms": result.get("p99_ms")}
     if kind == "latency_1":
         return {"latency_1_p50_us": result.get("p50_us")}
     if kind == "latency_32":
@@ -109,6 +113,8 @@ def problems(measurements: list[dict], pairs: list[dict]) -> list[str]:
         if m["kind"].startswith("bulk_") and not r.get("complete"):
             found.append(f"{where}: incomplete: {r.get('bytes_received')} of {r.get('bytes_sent')} bytes at the sink, "
                          f"{r.get('sink_resets')} reset(s), time capped: {r.get('time_capped')}, errors: {r.get('errors')}")
+        elif m["kind"] == "probe_under_bulk" and (r.get("failed") or not r.get("probes")):
+            found.append(f"{where}: {r.get('failed')} probe(s) failed, {r.get('probes')} answered: {r.get('errors')}")
         elif m["kind"].startswith(("conn_", "latency_")) and r.get("errors"):
             kinds = {k: r[k] for k in ("connect_errors", "read_errors", "write_errors", "non_2xx", "timeouts") if r.get(k)}
             found.append(f"{where}: {r['errors']} wrk errors {kinds or r.get('output')} in {r.get('requests')} requests")

@@ -204,6 +204,8 @@ class Bench:
                 for conns in (1, 8):
                     result = figures.bulk(pair, self.sink, conns, amounts["bulk_bytes"], amounts["bulk_cap_s"], self.logdir)
                     self.record(system, number, f"bulk_{conns}", result)
+                result = figures.probe_under_bulk(pair, self.sink, 4, amounts["conn_s"], self.logdir)
+                self.record(system, number, "probe_under_bulk", result)
             finally:
                 self.finish_pair(pair, number, "bulk")
         if self.http:
