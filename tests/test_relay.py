@@ -21,7 +21,7 @@ from OpenSSL._util import lib as _lib
 from support.certs import API
 
 from mtls.tlsio import TlsStream, present, tls13_context
-from proxy.relay import SCRATCH_SIZE, Link, Reactor, Relay, Reset, SessionWatch, relay
+from proxy.relay import SCRATCH_SIZE, Link, Reactor, Relay, Reset, SessionWatch, _one_turn, relay
 
 
 @dataclass
@@ -250,6 +250,15 @@ def test_a_step_among_other_connections_moves_one_chunk_and_says_there_is_more(e
     relay.step(ends.tls.sock.fileno())
     rest, _ = app_reads(ends)
     assert first + rest == payload, "the default burst moved all the rest in one step"
+
+
+def test_a_turn_of_the_reactor_steps_each_relay_once_whatever_brought_it_there(ends):
+    busy, both, one, quiet = (relay_of(ends) for _ in range(4))
+    by_fd = {1: busy, 2: busy, 3: both, 4: both, 5: one, 6: one, 7: quiet, 8: quiet}
+    events = [(1, 1), (3, 1), (4, 4), (6, 1), (9, 1)]  # 9: gone from the set since epoll_wait returned
+    turn = _one_turn({busy: None}, events, by_fd)
+    assert turn == {busy: None, both: None, one: 6}, "ready or two sockets: both sockets, once"
+    assert list(turn) == [busy, both, one], "the ready list first, then in the order of the events"
 
 
 def test_an_outbound_relay_hands_over_the_session_once_the_servers_ticket_arrived(authority):
