@@ -241,7 +241,7 @@ def test_a_step_among_other_connections_moves_one_chunk_and_says_there_is_more(e
     small exchange by one chunk; a connection alone moves up to a whole burst in one step."""
     for sock in (ends.peer_sock, ends.plain):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-    payload = os.urandom(300 * 1024)  # more than two chunks (a chunk: about SCRATCH_SIZE / 2)
+    payload = os.urandom(SCRATCH_SIZE)  # two chunks (a chunk: SCRATCH_SIZE / 2 of full records)
     ends.peer.sendall(payload)
     relay = relay_of(ends)
     assert relay.step(ends.tls.sock.fileno(), burst=1) is True, "one chunk moved, more waits"
