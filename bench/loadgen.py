@@ -148,12 +148,8 @@ def probe(port: int, seconds: float) -> int:
         try:
             with socket.create_connection((HOST, port), timeout=30) as conn:
                 conn.sendall(PROBE)
-                answer = b""
-                while len(answer) < len(PROBE_ANSWER):
-                    chunk = conn.recv(16)
-                    if not chunk:
-                        break
-                    answer += chunk
+                with conn.makefile("rb") as replies:
+                    answer = replies.read(len(PROBE_ANSWER))  # the whole answer, or less at EOF
         except OSError as exc:
             errors.append(str(exc))
             continue

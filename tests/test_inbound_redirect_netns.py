@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import pytest
 import yaml
 from support.ca_cli import issue
 from support.certs import TD
-from support.network import App, bridged_namespaces, client_context, in_netns, read_until_closed
+from support.network import App, bridged_namespaces, client_context, in_netns, read_until_closed, tls_exchange
 from support.processes import Sidecar, identity_yaml
 
 pytestmark = pytest.mark.e2e
@@ -160,15 +159,7 @@ def _tls_refusal(got: bytes) -> bool:
 def _mtls(pod: Pod, ident: str, payload: bytes = b"hello") -> tuple[int, str]:
     """An mTLS client presenting ``ident``, to the app's port from the client: (local port, what happened)."""
     sock = pod.from_client(APP)
-    local_port = sock.getsockname()[1]
-    try:
-        with client_context(pod.ids[ident]).wrap_socket(sock) as tls:
-            tls.sendall(payload)
-            return local_port, f"data {tls.recv(len(payload) + 100)!r}"
-    except (ssl.SSLError, OSError) as exc:
-        return local_port, f"error {exc}"
-    finally:
-        sock.close()
+    return sock.getsockname()[1], tls_exchange(client_context(pod.ids[ident]), sock, payload)
 
 
 def _event(pod: Pod, name: str, local_port: int) -> dict:

@@ -364,6 +364,15 @@ async def half_close_both(ends: Ends, ended: trio.Event) -> None:
         await ended.wait()
 
 
+async def another_connection_relays(authority, reactor: Reactor, nursery: trio.Nursery) -> None:
+    """The reactor still serves: a new connection relays both ways and ends."""
+    other = make_ends(authority)
+    other_ended = start_relay(reactor, nursery, other, Link())
+    await round_trip(other)
+    await half_close_both(other, other_ended)
+    close_ends(other)
+
+
 async def test_the_reactor_relays_both_ways_until_each_side_half_closed(ends, reactor, nursery):
     link = Link()
     ended = start_relay(reactor, nursery, ends, link)
@@ -431,11 +440,7 @@ async def test_a_busy_reactor_thread_never_blocks_trio_and_a_cancelled_relay_wai
         await returned.wait()
     await trio.to_thread.run_sync(holder.join)
     assert not timed_out, "trio waited for the reactor's lock"
-    other = make_ends(authority)
-    other_ended = start_relay(reactor, nursery, other, Link())
-    await round_trip(other)
-    await half_close_both(other, other_ended)
-    close_ends(other)
+    await another_connection_relays(authority, reactor, nursery)
 
 
 async def test_a_relay_started_after_the_reactor_stopped_fails_at_once(ends):
@@ -465,11 +470,7 @@ async def test_a_bug_in_one_connections_step_resets_it_and_the_others_go_on(auth
         with trio.fail_after(5):
             await relay(reactor, ends.tls, ends.plain, doomed)
     assert failed.value.side == "sidecar" and "ZeroDivisionError" in failed.value.detail
-    other = make_ends(authority)
-    other_ended = start_relay(reactor, nursery, other, Link())
-    await round_trip(other)
-    await half_close_both(other, other_ended)
-    close_ends(other)
+    await another_connection_relays(authority, reactor, nursery)
 
 
 async def test_a_reactor_thread_that_dies_resets_its_connections_and_fails_the_sidecar_loudly(ends):

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import trio
@@ -29,6 +30,17 @@ from proxy.snapshot import StartupError, load_snapshot
 pytestmark = pytest.mark.e2e  # each test runs `ca init` and `ca issue`
 
 
+def idle_sidecar(tmp_path: Path, listeners: str = "") -> tuple[Sidecar, Path, io.StringIO]:
+    """A Sidecar (not serving) on ``tmp_path/api.yaml``: a fresh identity from `ca init`, then
+    ``listeners``. Returns it, its config path and its log."""
+    ca_dir = tmp_path / "ca"
+    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
+    config = tmp_path / "api.yaml"
+    config.write_text(identity_yaml(issue(ca_dir, tmp_path / "api", f"spiffe://{TD}/ns/prod/sa/api")) + listeners)
+    log = io.StringIO()
+    return Sidecar(config, load_snapshot(config), EventLog("info", "json", log), Metrics()), config, log
+
+
 def _open_writer(fifo) -> int | None:
     """The write end of ``fifo``, or None while nobody has opened it for reading yet."""
     try:
@@ -38,16 +50,10 @@ def _open_writer(fifo) -> int | None:
 
 
 async def test_requests_during_a_reload_are_coalesced_into_the_next_one(tmp_path):
-    ca_dir = tmp_path / "ca"
-    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
-    ident = issue(ca_dir, tmp_path / "api", f"spiffe://{TD}/ns/prod/sa/api")
-    text = identity_yaml(ident) + (
+    sidecar, config, log = idle_sidecar(tmp_path, (
         f"inbound:\n  - name: api\n    listen: 127.0.0.1:0\n    forward: 127.0.0.1:9\n    allow: [spiffe://{TD}/ns/a/*]\n"
-    )
-    config = tmp_path / "api.yaml"
-    config.write_text(text)
-    log = io.StringIO()
-    sidecar = Sidecar(config, load_snapshot(config), EventLog("info", "json", log), Metrics())
+    ))
+    text = config.read_text()
     fifo = tmp_path / "api.fifo"
     os.mkfifo(fifo)
     os.replace(fifo, config)
@@ -78,13 +84,7 @@ async def test_requests_during_a_reload_are_coalesced_into_the_next_one(tmp_path
 
 
 async def test_an_unexpected_error_while_loading_fails_the_reload_and_keeps_the_last_good_state(tmp_path, monkeypatch):
-    ca_dir = tmp_path / "ca"
-    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
-    ident = issue(ca_dir, tmp_path / "api", f"spiffe://{TD}/ns/prod/sa/api")
-    config = tmp_path / "api.yaml"
-    config.write_text(identity_yaml(ident))
-    log = io.StringIO()
-    sidecar = Sidecar(config, load_snapshot(config), EventLog("info", "json", log), Metrics())
+    sidecar, _, log = idle_sidecar(tmp_path)
     good = sidecar.snapshot
 
     def broken_loader(path, previous=None):
@@ -104,11 +104,7 @@ async def test_while_the_worker_loads_nothing_collects_and_the_loop_waits_little
 ):
     """A collection started by the worker would hold the GIL over every object of every open
     connection; a long switch interval would make each of the loop's system calls wait for it."""
-    ca_dir = tmp_path / "ca"
-    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
-    config = tmp_path / "api.yaml"
-    config.write_text(identity_yaml(issue(ca_dir, tmp_path / "api", f"spiffe://{TD}/ns/prod/sa/api")))
-    sidecar = Sidecar(config, load_snapshot(config), EventLog("info", "json", io.StringIO()), Metrics())
+    sidecar, _, _ = idle_sidecar(tmp_path)
     seen = {}
 
     def observed_loader(path, previous=None):
@@ -129,11 +125,7 @@ async def test_while_the_worker_loads_nothing_collects_and_the_loop_waits_little
 
 async def test_the_write_of_a_sync_or_renewal_runs_under_the_same_settings(tmp_path):
     """A sync's write loads the credentials with the fetched CRL first: as long as a reload with a large one."""
-    ca_dir = tmp_path / "ca"
-    run_ca("init", "--trust-domain", TD, ca_dir=ca_dir)
-    config = tmp_path / "api.yaml"
-    config.write_text(identity_yaml(issue(ca_dir, tmp_path / "api", f"spiffe://{TD}/ns/prod/sa/api")))
-    sidecar = Sidecar(config, load_snapshot(config), EventLog("info", "json", io.StringIO()), Metrics())
+    sidecar, _, _ = idle_sidecar(tmp_path)
     seen = {}
     interval = sys.getswitchinterval()
 

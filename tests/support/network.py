@@ -129,6 +129,19 @@ def client_context(ident: Path | None = None, *, maximum_version=None, seclevel:
     return ctx
 
 
+def tls_exchange(ctx, sock: socket.socket, payload: bytes = b"hello") -> str:
+    """Over connected ``sock`` (closed after): TLS with ``ctx``, send, read one reply.
+    Returns "data b'...'" or "error ..."."""
+    try:
+        with ctx.wrap_socket(sock) as s:
+            s.sendall(payload)
+            return f"data {s.recv(len(payload) + 100)!r}"
+    except (ssl.SSLError, OSError) as exc:
+        return f"error {exc}"
+    finally:
+        sock.close()
+
+
 def tls_attempt(ctx, port: int, payload: bytes = b"hello", host: str = "127.0.0.1", timeout: float = 10):
     """Connect with ``ctx``, send, read one reply. Returns (local port, "data b'...'" or "error ...")."""
     raw = socket.socket()
@@ -137,13 +150,10 @@ def tls_attempt(ctx, port: int, payload: bytes = b"hello", host: str = "127.0.0.
     local_port = raw.getsockname()[1]
     try:
         raw.connect((host, port))
-        with ctx.wrap_socket(raw) as s:
-            s.sendall(payload)
-            return local_port, f"data {s.recv(len(payload) + 100)!r}"
-    except (ssl.SSLError, OSError) as exc:
-        return local_port, f"error {exc}"
-    finally:
+    except OSError as exc:
         raw.close()
+        return local_port, f"error {exc}"
+    return local_port, tls_exchange(ctx, raw, payload)
 
 
 def tls_client(ident: Path | None, port: int, payload: bytes = b"hello"):
